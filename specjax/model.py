@@ -1,0 +1,205 @@
+"""The Llama-family decoder in Flax NNX, and `forward`, its pure-function form.
+
+Module and parameter names follow the Hugging Face checkpoints (`self_attn.q_proj`,
+`post_attention_layernorm`, ...), so a parameter path maps onto a tensor name by joining it
+with dots. Linear kernels are stored (in, out), the transpose of the checkpoint's weight,
+so that the hot matmuls need no transpose. Shapes use the legend in `specjax.cache`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from specjax.cache import KVCache, visible_mask, write
+from specjax.config import ModelConfig, llama3_inv_freq
+
+
+class Linear(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(0.02)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, width: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((width,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalize in float32 and scale in the input dtype, as the reference models do.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, width: int, *, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(jax.nn.initializers.normal(0.02)(rngs.params(), (vocab, width), dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], tokens, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Project onto the vocabulary with the embedding matrix (tied output layer)."""
+        return jnp.einsum("BTD,VD->BTV", x, self.weight[...])
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """Cosine and sine tables (B, T, H) for the token positions (B, T)."""
+    inv_freq = jnp.asarray(
+        llama3_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling), jnp.float32
+    )
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)  # (B, T, H)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x (B, T, heads, H) by the tables (B, T, H), pairing dimension i with i + H/2."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, h = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, h
+        self.q_proj = Linear(d, config.num_heads * h, bias=config.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, config.num_kv_heads * h, bias=config.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, config.num_kv_heads * h, bias=config.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(config.num_heads * h, d, bias=config.o_bias, dtype=dtype, rngs=rngs)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, positions, rope, k_cache, v_cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        k_cache = write(k_cache, k, positions)  # (B, S, KV, H)
+        v_cache = write(v_cache, v, positions)
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(B, T, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_cache).astype(jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
+        mask = visible_mask(positions, k_cache.shape[1])  # (B, T, S)
+        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", weights, v_cache)
+        return self.o_proj(out.reshape(B, T, -1)), k_cache, v_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = Linear(d, f, bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, f, bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, d, bias=bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, rope, k_cache, v_cache):
+        attended, k_cache, v_cache = self.self_attn(
+            self.input_layernorm(x), positions, rope, k_cache, v_cache
+        )
+        x = x + attended
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k_cache, v_cache
+
+
+class Decoder(nnx.Module):
+    """Llama, Mistral, Qwen2 and Qwen3 decoders, which differ only in the config flags."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache):
+        """Logits (B, T, V) in float32 for tokens (B, T) at positions (B, T), and the new cache."""
+        x = self.embed_tokens(tokens)
+        rope = rope_tables(self.config, positions, x.dtype)
+        keys, values = [], []
+        for layer, k_cache, v_cache in zip(self.layers, cache.keys, cache.values):
+            x, k_cache, v_cache = layer(x, positions, rope, k_cache, v_cache)
+            keys.append(k_cache)
+            values.append(v_cache)
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits.astype(jnp.float32), cache.replace(keys=tuple(keys), values=tuple(values))
+
+
+def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens, positions, cache: KVCache):
+    """Pure forward: (graphdef, params, tokens, positions, cache) -> (logits, cache).
+
+    Writes each token's key and value at the slot equal to its position; leaves
+    `cache.lengths` to the caller.
+    """
+    return nnx.merge(graphdef, params)(tokens, positions, cache)
+
+
+def init_decoder(config: ModelConfig, *, seed: int = 0, dtype=jnp.float32):
+    """Randomly initialized (graphdef, params) for `config`."""
+    return nnx.split(Decoder(config, dtype=dtype, rngs=nnx.Rngs(seed)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A decoder ready for `generate`: its config, NNX graph, parameters and tokenizer.
+
+    `tokenizer` is a `tokenizers.Tokenizer`, or None when the folder has no tokenizer.json
+    (the model then works on token ids). `eos_token_ids` come from generation_config.json,
+    else from config.json.
+    """
+
+    config: ModelConfig
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    tokenizer: Any = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def dtype(self):
+        return self.params["embed_tokens"]["weight"][...].dtype
+
+    @classmethod
+    def random(cls, config: ModelConfig, *, seed: int = 0, dtype=jnp.float32, tokenizer=None):
+        """A model with random weights, for tests and benchmarks."""
+        graphdef, params = init_decoder(config, seed=seed, dtype=dtype)
+        return cls(config, graphdef, params, tokenizer, config.eos_token_ids)
