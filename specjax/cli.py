@@ -1,0 +1,128 @@
+"""The `specjax` command: `specjax generate` on the shipped model pair or any Hugging Face folders."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_PROMPT = "ROMEO:"
+
+
+def shipped_models_dir() -> Path:
+    """Folder with the shipped pair: $SPECJAX_MODELS, else models/ next to the package."""
+    override = os.environ.get("SPECJAX_MODELS")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def enable_compile_cache() -> None:
+    """Keep compiled programs on disk, so a new process skips most of the compilation.
+
+    The cache lives in $XDG_CACHE_HOME/specjax/jax (default ~/.cache/specjax/jax);
+    SPECJAX_COMPILE_CACHE=0 turns it off.
+    """
+    if os.environ.get("SPECJAX_COMPILE_CACHE", "1") == "0":
+        return
+    import jax
+
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    jax.config.update("jax_compilation_cache_dir", str(base / "specjax" / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specjax", description="Lossless speculative decoding in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate text, speculatively by default")
+    gen.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help=f"prompt text (default {DEFAULT_PROMPT!r})")
+    gen.add_argument("--target", type=Path, help="target model folder (default: the shipped target)")
+    gen.add_argument("--draft", type=Path, help="draft model folder (default: the shipped draft, unless --target is given)")
+    gen.add_argument("--no-draft", action="store_true", help="plain decoding with the target alone")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate at most (default 64)")
+    gen.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per step, K (default 4)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this mass; 1 disables")
+    gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default float32 on CPU)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of text and statistics")
+    return parser
+
+
+def _stats_line(stats) -> str:
+    parts = [
+        f"{stats.generated_tokens} tokens in {stats.seconds:.2f} s ({stats.tokens_per_second:.1f} tokens/s)",
+        f"{stats.mean_accepted_length:.2f} tokens per target call",
+    ]
+    if stats.acceptance_rate is not None:
+        parts.append(f"acceptance {stats.acceptance_rate:.2f} at K={stats.num_draft_tokens}")
+    parts.append(f"compile {stats.compile_seconds:.1f} s")
+    return ", ".join(parts)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import specjax
+
+    models = shipped_models_dir()
+    target_dir = args.target or models / "shakespeare-target"
+    draft_dir = None if args.no_draft else (args.draft or (models / "shakespeare-draft" if args.target is None else None))
+    if args.draft is not None and args.no_draft:
+        raise ValueError("--draft and --no-draft contradict each other; pass one of them")
+
+    print(f"loading {target_dir}" + (f" and {draft_dir}" if draft_dir else ""), file=sys.stderr, flush=True)
+    target = specjax.load(target_dir, dtype=args.dtype)
+    draft = specjax.load(draft_dir, dtype=args.dtype) if draft_dir else None
+    enable_compile_cache()
+    result = specjax.generate(
+        target,
+        args.prompt,
+        draft=draft,
+        max_new_tokens=args.max_new_tokens,
+        num_draft_tokens=args.num_draft_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    stats = result.stats
+    if args.json:
+        record = {
+            "text": result.text[0] if result.text else None,
+            "tokens": result.tokens[0],
+            "finish_reason": result.finish_reasons[0],
+            "stats": dataclasses.asdict(stats),
+        }
+        print(json.dumps(record))
+    else:
+        text = result.text[0] if result.text else " ".join(map(str, result.tokens[0]))
+        print(args.prompt + text)
+        print(_stats_line(stats))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_generate(args)
+    except (ValueError, OSError) as error:  # CheckpointError and ConfigError are ValueErrors
+        print(f"specjax: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("specjax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
