@@ -106,13 +106,15 @@ def _read_tensors(files: dict[str, Path], wanted: list[str]) -> dict[str, np.nda
         if not file.is_file():
             raise CheckpointError(f"{file} not found (listed in model.safetensors.index.json)")
         try:
-            with safe_open(file, framework="numpy") as f:
-                for name in names:
+            handle = safe_open(file, framework="numpy")
+        except Exception as error:  # safetensors raises its own error type for corrupt headers
+            raise CheckpointError(f"{file} is not a valid safetensors file: {error}") from None
+        with handle as f:
+            for name in names:
+                try:
                     tensors[name] = f.get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as error:
-            raise CheckpointError(f"{file}: cannot read tensor {name!r}: {error}") from None
+                except Exception as error:
+                    raise CheckpointError(f"{file}: cannot read tensor {name!r}: {error}") from None
     return tensors
 
 

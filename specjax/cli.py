@@ -76,10 +76,12 @@ def run_generate(args: argparse.Namespace) -> int:
     import specjax
 
     models = shipped_models_dir()
-    target_dir = args.target or models / "shakespeare-target"
-    draft_dir = None if args.no_draft else (args.draft or (models / "shakespeare-draft" if args.target is None else None))
     if args.draft is not None and args.no_draft:
         raise ValueError("--draft and --no-draft contradict each other; pass one of them")
+    target_dir = args.target or models / "shakespeare-target"
+    draft_dir = args.draft
+    if draft_dir is None and args.target is None and not args.no_draft:
+        draft_dir = models / "shakespeare-draft"
 
     print(f"loading {target_dir}" + (f" and {draft_dir}" if draft_dir else ""), file=sys.stderr, flush=True)
     target = specjax.load(target_dir, dtype=args.dtype)

@@ -71,7 +71,11 @@ class ModelConfig:
         attention = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
         if self.qkv_bias:
             attention += h * (self.num_heads + 2 * self.num_kv_heads)
+        if self.o_bias:
+            attention += d
         mlp = 3 * d * self.intermediate_size
+        if self.mlp_bias:
+            mlp += 2 * self.intermediate_size + d
         norms = 2 * d + (2 * h if self.qk_norm else 0)
         embeddings = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * (attention + mlp + norms) + embeddings + d
@@ -204,7 +208,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
-            o_bias=model_type == "llama" and bool(hf.get("attention_bias", False)),
+            o_bias=model_type in ("llama", "qwen3") and bool(hf.get("attention_bias", False)),
             mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
             bos_token_id=hf.get("bos_token_id"),

@@ -21,7 +21,7 @@ def _pad_vocab(logits: jax.Array, vocab: int) -> jax.Array:
 
 
 def _choose(logits: jax.Array, sampling: SamplingParams | None, key: jax.Array):
-    """The draft token (B,) and, when sampling, the distribution q (B, V) it was drawn from."""
+    """Pick the draft token (B,) and, when sampling, return the distribution q (B, V) it came from."""
     if sampling is None:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
     probs = processed_probs(logits, sampling)

@@ -112,8 +112,8 @@ def _step(spec: EngineSpec, target_params, draft_params, sampling, eos_ids, max_
         drafts, draft_probs = jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0, vocab))
     else:
         last_two = jnp.stack([state.tokens[rows, jnp.maximum(lengths - 2, 0)], last], axis=1)
-        # A target with a padded embedding may emit ids the draft has no row for; any draft
-        # input keeps verification exact, so clip them into the draft's range.
+        # A target with a padded embedding may emit ids that the draft has no row for.
+        # Verification stays exact whatever the draft is fed, so clip them into its range.
         last_two = jnp.minimum(last_two, spec.draft_config.vocab_size - 1)
         drafts, draft_probs, draft_cache = propose(
             spec.draft, draft_params, draft_cache, last_two, spec.num_draft_tokens,

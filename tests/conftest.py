@@ -11,8 +11,8 @@ settings.register_profile("ci", max_examples=10, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=10, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-# Compiled programs persist across pytest runs; a min compile time of 0 caches the small
-# programs of the tiny test models too.
+# Compiled programs persist across pytest runs. A minimum compile time of 0 also caches
+# the quickly compiled programs of the tiny test models.
 _cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 jax.config.update("jax_compilation_cache_dir", str(_cache_root / "specjax-tests" / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

@@ -1,0 +1,99 @@
+"""The `specjax generate` command on tiny model folders made by the test."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from specjax import Model, ModelConfig, save
+from specjax.cli import main
+
+TEXT = "ROMEO: But soft, what light through yonder window breaks? It is the east. " * 20
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([TEXT], trainer=trainer)
+    config = ModelConfig(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64, num_layers=1,
+        num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=128, eos_token_ids=(0,),
+    )
+    folder = tmp_path_factory.mktemp("models")
+    save(Model.random(config, seed=1, tokenizer=tokenizer), folder / "shakespeare-target")
+    save(Model.random(config, seed=2, tokenizer=tokenizer), folder / "shakespeare-draft")
+    return folder
+
+
+@pytest.fixture
+def shipped(models_dir, monkeypatch):
+    monkeypatch.setenv("SPECJAX_MODELS", str(models_dir))
+    monkeypatch.setenv("SPECJAX_COMPILE_CACHE", "0")
+    return models_dir
+
+
+def test_generate_prints_text_and_stats(shipped, capsys):
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("ROMEO:")
+    assert "8 tokens in" in lines[-1]
+    assert "acceptance" in lines[-1]
+
+
+def test_generate_json_record(shipped, capsys):
+    assert main(["generate", "ROMEO:", "--json", "--max-new-tokens", "6", "--temperature", "0.8",
+                 "--top-k", "20", "--top-p", "0.9", "--seed", "3"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert set(record) == {"text", "tokens", "finish_reason", "stats"}
+    assert record["finish_reason"] in ("stop", "length")
+    assert 1 <= len(record["tokens"]) <= 6
+    assert 0.0 <= record["stats"]["acceptance_rate"] <= 1.0
+
+
+def test_no_draft_reports_no_acceptance(shipped, capsys):
+    assert main(["generate", "ROMEO:", "--no-draft", "--json", "--max-new-tokens", "4"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["stats"]["acceptance_rate"] is None
+    assert record["stats"]["mean_accepted_length"] == 1.0
+
+
+def test_explicit_folders_match_defaults(shipped, capsys):
+    main(["generate", "ROMEO:", "--json", "--max-new-tokens", "6"])
+    default = json.loads(capsys.readouterr().out)
+    main(["generate", "ROMEO:", "--json", "--max-new-tokens", "6",
+          "--target", str(shipped / "shakespeare-target"), "--draft", str(shipped / "shakespeare-draft")])
+    explicit = json.loads(capsys.readouterr().out)
+    assert explicit["tokens"] == default["tokens"]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--top-p", "1.5"], "top_p=1.5"),
+        (["--temperature", "-1"], "temperature=-1.0"),
+        (["--num-draft-tokens", "0"], "num_draft_tokens=0"),
+        (["--top-k", "-2"], "top_k=-2"),
+        (["--max-new-tokens", "500"], "max_position_embeddings=128"),
+        (["--target", "/nonexistent/model"], "/nonexistent/model not found"),
+    ],
+)
+def test_bad_input_one_line_error(shipped, capsys, arguments, message):
+    assert main(["generate", "ROMEO:"] + arguments) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_bad_argument_exits_without_traceback(shipped):
+    process = subprocess.run(
+        [sys.executable, "-m", "specjax.cli", "generate", "--max-new-tokens", "zero"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert process.returncode == 2
+    assert "--max-new-tokens" in process.stderr
+    assert "Traceback" not in process.stderr
