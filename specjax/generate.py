@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from typing import Sequence, Union
 
@@ -56,7 +57,12 @@ class GenerationResult:
 def _tokenize(target: Model, prompt: Prompt) -> list[list[int]]:
     if isinstance(prompt, str):
         prompt = [prompt]
-    if not isinstance(prompt, Sequence) or len(prompt) == 0:
+    if not isinstance(prompt, Sequence):
+        raise ValueError(
+            "prompt must be a string, a list of strings, a list of token ids or a list of lists "
+            f"of ids, not {type(prompt).__name__}"
+        )
+    if len(prompt) == 0:
         raise ValueError(f"prompt={prompt!r} is empty; pass a string, token ids or a list of either")
     if all(isinstance(p, str) for p in prompt):
         if target.tokenizer is None:
@@ -102,15 +108,15 @@ def check_vocabularies(target: Model, draft: Model) -> None:
 
 
 def _validate(target, draft, rows, max_new_tokens, num_draft_tokens, temperature, top_k, top_p):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
-    if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
+    if not _is_int(num_draft_tokens) or num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 1")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+    if not (_is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
-    if not isinstance(top_k, int) or top_k < 0:
+    if not _is_int(top_k) or top_k < 0:
         raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 disables it)")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if not (_is_real(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 disables it)")
     models = [("target", target)] + ([("draft", draft)] if draft is not None else [])
     for name, model in models:
@@ -126,18 +132,36 @@ def _validate(target, draft, rows, max_new_tokens, num_draft_tokens, temperature
                 )
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _eos_ids(target: Model, eos_token_id) -> np.ndarray:
     if eos_token_id is None:
         ids = list(target.eos_token_ids)
-    elif isinstance(eos_token_id, int):
-        ids = [eos_token_id]
+    elif _is_int(eos_token_id):
+        ids = [int(eos_token_id)]
     else:
-        ids = list(eos_token_id)
+        ids = [int(i) if _is_int(i) else i for i in eos_token_id]
+    vocab = target.config.vocab_size
+    for token in ids:
+        if not _is_int(token) or not 0 <= token < vocab:
+            raise ValueError(f"eos_token_id {token!r} is not a token id in [0, {vocab})")
     # -1 never matches a token, so "no EOS" needs no special case in the loop.
     return np.asarray(ids or [-1], np.int32)
 
 
 _compiled: dict = {}
+
+
+def _parameter_types(params) -> tuple:
+    """Shape and dtype of every parameter. The config fixes the shapes but not the dtypes, and
+    a compiled program accepts only the dtypes it was compiled for."""
+    return tuple((x.shape, x.dtype) for x in jax.tree.leaves(params))
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -160,13 +184,16 @@ def generate(
     """Generate from `target`, speculatively with `draft` when one is given.
 
     The output is distributed exactly as plain sampling from the target with the same
-    temperature, top_k and top_p; with temperature 0 it is the target's greedy output.
+    temperature, top_k and top_p. With temperature 0 it is the target's greedy output.
     The draft proposes `num_draft_tokens` tokens per step. Rows stop at their first EOS
     (kept in the output) or after exactly `max_new_tokens` tokens. Equal inputs and
     `seed` give equal outputs.
     """
     rows = _tokenize(target, prompt)
     _validate(target, draft, rows, max_new_tokens, num_draft_tokens, temperature, top_k, top_p)
+    # NumPy scalars pass validation; plain Python numbers keep the static shapes hashable.
+    max_new_tokens, num_draft_tokens, top_k = int(max_new_tokens), int(num_draft_tokens), int(top_k)
+    temperature, top_p = float(temperature), float(top_p)
     if draft is not None:
         check_vocabularies(target, draft)
 
@@ -198,7 +225,14 @@ def generate(
     )
 
     started = time.perf_counter()
-    cache_key = (spec, prompt_array.shape, None if sampling is None else sampling.filtered, args[6].shape)
+    cache_key = (
+        spec,
+        prompt_array.shape,
+        None if sampling is None else sampling.filtered,
+        args[6].shape,
+        _parameter_types(target.params),
+        None if draft is None else _parameter_types(draft.params),
+    )
     if cache_key not in _compiled:
         _compiled[cache_key] = run.lower(spec, *args).compile()
     compile_seconds = time.perf_counter() - started

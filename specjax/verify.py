@@ -55,6 +55,8 @@ def verify_sampled(
     """
     batch, k = drafts.shape
     accept_key, residual_key = jax.random.split(key)
+    if k == 0:  # plain sampling: nothing to verify, the token comes from p itself
+        return jnp.zeros((batch,), jnp.int32), sample(residual_key, target_probs[:, 0])
     p_of_draft = jnp.take_along_axis(target_probs[:, :k], drafts[..., None], axis=-1)[..., 0]
     q_of_draft = jnp.take_along_axis(draft_probs, drafts[..., None], axis=-1)[..., 0]
     uniform = jax.random.uniform(accept_key, (batch, k))

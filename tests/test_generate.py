@@ -1,0 +1,202 @@
+"""`generate` behaviour: acceptance with a perfect draft, EOS, length limits, seeds and stats."""
+
+import math
+
+import jax.numpy as jnp
+import pytest
+
+from generation_helpers import PROMPTS, assert_greedy_equal, noisy_copy, tiny_config
+from specjax import Model, generate
+
+MAX_NEW_TOKENS = 24
+K = 4
+
+
+@pytest.fixture(scope="module")
+def target():
+    return Model.random(tiny_config(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def noisy_draft(target):
+    return noisy_copy(target, scale=0.005, seed=200)
+
+
+@pytest.fixture(scope="module")
+def plain_batch(target):
+    """The plain greedy output for PROMPTS, which the EOS and length tests cut."""
+    return generate(target, PROMPTS, max_new_tokens=MAX_NEW_TOKENS)
+
+
+def _stop_token(rows: list[list[int]], row_index: int, block_width: int) -> tuple[int, int]:
+    """Find a token of rows[row_index] that no other row contains, with the index of its
+    first occurrence. That index lies mid-output and before the last slot of a block."""
+    others = {t for i, row in enumerate(rows) if i != row_index for t in row}
+    row = rows[row_index]
+    for index, token in enumerate(row):
+        mid_output = 2 <= index <= len(row) - 3
+        inside_block = index % block_width != block_width - 1
+        if mid_output and inside_block and token not in others and token not in row[:index]:
+            return token, index
+    raise AssertionError(f"row {row_index} has no usable stop token: {row}")
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_k=20, top_p=0.9)],
+    ids=["greedy", "temperature-1", "temperature-0.8-top-k-top-p"],
+)
+def test_perfect_draft_accepts_everything(target, sampling):
+    result = generate(
+        target, [PROMPTS[0]], draft=target, num_draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS,
+        seed=3, **sampling,
+    )
+    assert result.stats.acceptance_rate == 1.0
+    assert result.stats.target_calls == math.ceil(MAX_NEW_TOKENS / (K + 1))
+    assert result.stats.mean_accepted_length == pytest.approx(MAX_NEW_TOKENS / result.stats.target_calls)
+
+
+def test_eos_inside_accepted_block_ends_row(target, plain_batch):
+    rows = plain_batch.tokens
+    eos, index = _stop_token(rows, 0, K + 1)
+
+    result = generate(
+        target, PROMPTS, draft=target, num_draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos
+    )
+
+    assert result.stats.acceptance_rate == 1.0, "the EOS must fall inside a fully accepted block"
+    assert_greedy_equal(target, PROMPTS[0], result.tokens[0], rows[0][: index + 1])
+    assert result.tokens[0][-1] == eos
+    assert result.finish_reasons[0] == "stop"
+    for i in (1, 2):
+        assert_greedy_equal(target, PROMPTS[i], result.tokens[i], rows[i])
+        assert result.finish_reasons[i] == "length"
+
+
+def test_eos_id_list_stops_each_row(target, plain_batch):
+    rows = plain_batch.tokens
+    first_eos, first_index = _stop_token(rows, 0, K + 1)
+    second_eos, second_index = _stop_token(rows, 1, K + 1)
+
+    result = generate(
+        target,
+        PROMPTS,
+        draft=target,
+        num_draft_tokens=K,
+        max_new_tokens=MAX_NEW_TOKENS,
+        eos_token_id=[first_eos, second_eos],
+    )
+
+    assert_greedy_equal(target, PROMPTS[0], result.tokens[0], rows[0][: first_index + 1])
+    assert_greedy_equal(target, PROMPTS[1], result.tokens[1], rows[1][: second_index + 1])
+    assert_greedy_equal(target, PROMPTS[2], result.tokens[2], rows[2])
+    assert result.finish_reasons == ["stop", "stop", "length"]
+
+
+def test_one_new_token_with_perfect_draft(target):
+    result = generate(target, PROMPTS, draft=target, num_draft_tokens=K, max_new_tokens=1)
+
+    assert [len(row) for row in result.tokens] == [1, 1, 1]
+    assert result.finish_reasons == ["length"] * 3
+    assert result.stats.target_calls == 1
+
+
+@pytest.mark.parametrize("max_new_tokens", [2, 4, 5, 6, 9, 10, 11, 23])
+def test_perfect_draft_never_overshoots(target, plain_batch, max_new_tokens):
+    # Block boundaries fall every K + 1 = 5 tokens, so the values cover limits just before,
+    # on and just after a boundary.
+    result = generate(target, PROMPTS, draft=target, num_draft_tokens=K, max_new_tokens=max_new_tokens)
+
+    assert [len(row) for row in result.tokens] == [max_new_tokens] * 3
+    assert result.finish_reasons == ["length"] * 3
+    for prompt, got, expected in zip(PROMPTS, result.tokens, plain_batch.tokens):
+        assert_greedy_equal(target, prompt, got, expected[:max_new_tokens])
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 3, 5, 11])
+def test_sampled_perfect_draft_never_overshoots(target, max_new_tokens):
+    result = generate(
+        target, [PROMPTS[1]], draft=target, num_draft_tokens=K, max_new_tokens=max_new_tokens, temperature=1.0
+    )
+    assert len(result.tokens[0]) == max_new_tokens
+    assert result.finish_reasons == ["length"]
+
+
+def test_identical_sampled_rows_are_independent(target, noisy_draft):
+    prompts = [PROMPTS[0]] * 3
+    result = generate(
+        target, prompts, draft=noisy_draft, num_draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0
+    )
+    assert len({tuple(row) for row in result.tokens}) == 3, result.tokens
+
+
+def test_same_seed_reproduces_sample(target, noisy_draft):
+    def sample(seed):
+        return generate(
+            target, [PROMPTS[1]], draft=noisy_draft, num_draft_tokens=K,
+            max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, seed=seed,
+        )
+
+    first, again, other = sample(7), sample(7), sample(8)
+    assert first.tokens == again.tokens
+    assert first.stats.accepted_tokens == again.stats.accepted_tokens
+    assert first.tokens != other.tokens
+
+
+def test_speculative_stats_are_consistent(target, noisy_draft):
+    result = generate(
+        target, [PROMPTS[1]], draft=noisy_draft, num_draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS
+    )
+    stats = result.stats
+
+    assert stats.generated_tokens == len(result.tokens[0]) == MAX_NEW_TOKENS
+    assert stats.num_draft_tokens == K
+    assert stats.target_calls >= math.ceil(MAX_NEW_TOKENS / (K + 1))
+    # One row, so every target call drafted K tokens for it.
+    assert stats.drafted_tokens == K * stats.target_calls
+    assert 0 <= stats.accepted_tokens <= stats.drafted_tokens
+    assert stats.acceptance_rate == pytest.approx(stats.accepted_tokens / stats.drafted_tokens)
+    assert 0.0 < stats.acceptance_rate < 1.0, "the noisy draft should be accepted only sometimes"
+    assert stats.mean_accepted_length == pytest.approx(MAX_NEW_TOKENS / stats.target_calls)
+    # A step emits its accepted drafts plus one token, except the last, which the limit may cut.
+    assert stats.generated_tokens <= stats.accepted_tokens + stats.target_calls
+    assert stats.seconds > 0
+    assert stats.compile_seconds >= 0
+
+
+def test_batch_stats_count_running_rows(target, plain_batch):
+    eos, _ = _stop_token(plain_batch.tokens, 0, K + 1)
+    result = generate(
+        target, PROMPTS, draft=target, num_draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos
+    )
+    stats = result.stats
+    row_forwards, remainder = divmod(stats.drafted_tokens, K)
+
+    assert remainder == 0
+    # Row 0 stops early, so the rows together ran fewer forwards than 3 per target call.
+    assert stats.target_calls <= row_forwards < 3 * stats.target_calls
+    assert stats.generated_tokens == sum(len(row) for row in result.tokens)
+    assert stats.mean_accepted_length == pytest.approx(stats.generated_tokens / row_forwards)
+
+
+def test_plain_stats(target):
+    result = generate(target, [PROMPTS[1]], max_new_tokens=MAX_NEW_TOKENS)
+    stats = result.stats
+
+    assert stats.acceptance_rate is None
+    assert stats.drafted_tokens == 0
+    assert stats.accepted_tokens == 0
+    assert stats.num_draft_tokens == 0
+    assert stats.target_calls == MAX_NEW_TOKENS
+    assert stats.mean_accepted_length == 1.0
+    assert stats.generated_tokens == MAX_NEW_TOKENS
+
+
+def test_bfloat16_after_float32_same_config(target):
+    # Both models share one config, so only the parameter dtype distinguishes their programs.
+    generate(target, [PROMPTS[0]], max_new_tokens=8)
+    bfloat16_target = Model.random(target.config, seed=0, dtype=jnp.bfloat16)
+
+    result = generate(bfloat16_target, [PROMPTS[0]], max_new_tokens=8)
+
+    assert len(result.tokens[0]) == 8
