@@ -1,0 +1,57 @@
+"""Total throughput against batch size, plain and speculative, on the shipped pair.
+
+    python benchmarks/batch_scaling.py [--max-new-tokens 128] [--batches 1 2 4 8 16]
+
+Each batch repeats the prompt in every row (rows sample independently at T > 0; under
+greedy they decode the same text). Writes benchmarks/results/batch_scaling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import specjax  # noqa: E402
+from common import machine_record, write_record  # noqa: E402
+from specjax.cli import shipped_models_dir  # noqa: E402
+
+
+def total_rate(target, draft, batch, settings, repeats):
+    prompts = ["ROMEO:\n"] * batch
+    results = [specjax.generate(target, prompts, draft=draft, **settings) for _ in range(repeats + 1)]
+    return statistics.median(r.stats.tokens_per_second for r in results[1:]), results[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, default=shipped_models_dir())
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    target = specjax.load(args.models / "shakespeare-target")
+    draft = specjax.load(args.models / "shakespeare-draft")
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, num_draft_tokens=4)
+    rows = []
+    for batch in args.batches:
+        plain_rate, _ = total_rate(target, None, batch, settings, args.repeats)
+        spec_rate, spec = total_rate(target, draft, batch, settings, args.repeats)
+        rows.append({"batch": batch, "plain_tokens_per_second": plain_rate,
+                     "speculative_tokens_per_second": spec_rate, "acceptance_rate": spec.stats.acceptance_rate})
+        print(f"B={batch:2d}: plain {plain_rate:7.1f} tok/s, speculative {spec_rate:7.1f} tok/s "
+              f"(x{spec_rate / plain_rate:.2f}), acceptance {spec.stats.acceptance_rate:.2f}", flush=True)
+    first = rows[0]["speculative_tokens_per_second"]
+    for row in rows:
+        row["speculative_over_batch_1"] = row["speculative_tokens_per_second"] / first
+    record = {**machine_record(), "settings": vars(args) | {"models": str(args.models)}, "rows": rows}
+    print(f"wrote {write_record('batch_scaling', record)}")
+
+
+if __name__ == "__main__":
+    main()

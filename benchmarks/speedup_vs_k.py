@@ -1,0 +1,106 @@
+"""Speculative vs plain decoding on the shipped pair for K = 1..8, against the analytic bound.
+
+    python benchmarks/speedup_vs_k.py [--max-new-tokens 256] [--repeats 3]
+
+For each temperature (greedy and 0.8) and K, plain and speculative runs alternate so that
+both see the same machine load; the speedup is the ratio of median tokens/s. The draft to
+target cost ratio c is measured separately as one 1-token draft forward over one 1-token
+target forward. Writes benchmarks/results/speedup_vs_k.json and speedup_vs_k.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import specjax  # noqa: E402
+from common import RESULTS, forward_seconds, machine_record, speedup_bound, write_record  # noqa: E402
+from specjax.cli import shipped_models_dir  # noqa: E402
+
+PROMPT = "ROMEO:\n"
+
+
+def median_rate(target, draft, settings, repeats):
+    results = [specjax.generate(target, PROMPT, draft=draft, **settings) for _ in range(repeats + 1)]
+    return statistics.median(r.stats.tokens_per_second for r in results[1:]), results[-1]
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for temperature, style in ((0.0, "o-"), (0.8, "s-")):
+        picked = [r for r in rows if r["temperature"] == temperature]
+        ks = [r["num_draft_tokens"] for r in picked]
+        axis.plot(ks, [r["speedup"] for r in picked], style, label=f"measured, T={temperature}")
+        axis.plot(ks, [r["bound"] for r in picked], style.replace("-", "--"), alpha=0.5, label=f"bound, T={temperature}")
+    axis.set_xlabel("draft tokens per step (K)")
+    axis.set_ylabel("speedup over plain decoding")
+    axis.axhline(1.0, color="gray", linewidth=0.8)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, default=shipped_models_dir())
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-k", type=int, default=8)
+    args = parser.parse_args()
+
+    target = specjax.load(args.models / "shakespeare-target")
+    draft = specjax.load(args.models / "shakespeare-draft")
+    target_seconds, draft_seconds = forward_seconds(target), forward_seconds(draft)
+    cost_ratio = draft_seconds / target_seconds
+    print(f"one forward: target {target_seconds * 1e3:.2f} ms, draft {draft_seconds * 1e3:.2f} ms, c = {cost_ratio:.3f}")
+
+    rows = []
+    for temperature in (0.0, 0.8):
+        base = dict(max_new_tokens=args.max_new_tokens, temperature=temperature, seed=0)
+        plain_rate, plain = median_rate(target, None, base, args.repeats)
+        for k in range(1, args.max_k + 1):
+            spec_rate, spec = median_rate(target, draft, base | {"num_draft_tokens": k}, args.repeats)
+            alpha = spec.stats.acceptance_rate
+            bound = speedup_bound(alpha, k, cost_ratio)
+            row = {
+                "temperature": temperature,
+                "num_draft_tokens": k,
+                "plain_tokens_per_second": plain_rate,
+                "speculative_tokens_per_second": spec_rate,
+                "speedup": spec_rate / plain_rate,
+                "acceptance_rate": alpha,
+                "mean_accepted_length": spec.stats.mean_accepted_length,
+                "bound": bound,
+                "fraction_of_bound": spec_rate / plain_rate / bound,
+                "greedy_tokens_equal": spec.tokens == plain.tokens if temperature == 0 else None,
+            }
+            rows.append(row)
+            print(
+                f"T={temperature} K={k}: plain {plain_rate:6.1f} tok/s, speculative {spec_rate:6.1f} tok/s, "
+                f"x{row['speedup']:.2f} (bound x{bound:.2f}, {row['fraction_of_bound']:.0%}), "
+                f"alpha {alpha:.2f}, tokens/call {row['mean_accepted_length']:.2f}",
+                flush=True,
+            )
+    record = {
+        **machine_record(),
+        "settings": {"max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "prompt": PROMPT},
+        "target_forward_seconds": target_seconds,
+        "draft_forward_seconds": draft_seconds,
+        "cost_ratio": cost_ratio,
+        "rows": rows,
+    }
+    print(f"wrote {write_record('speedup_vs_k', record)}")
+    plot(rows, RESULTS / "speedup_vs_k.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""specjax against transformers on the same shipped weights, greedy, same prompts and threads.
+
+    python benchmarks/vs_transformers.py [--max-new-tokens 128] [--threads 2]
+
+Four contestants: transformers plain `generate`, transformers assisted generation
+(`assistant_model=` the shipped draft), specjax plain and specjax speculative (K=4). All
+use float32 weights loaded from the same folders. torch gets --threads threads (default:
+all cores); XLA's CPU client always uses all cores, so keep the default for a fair run. Also checks that specjax's greedy tokens equal transformers' greedy tokens and
+reports the first mismatch. Writes benchmarks/results/vs_transformers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+PROMPTS = ["ROMEO:\n", "KING HENRY.\nNow, lords, ", "First Citizen:\nBefore we proceed any further, hear me speak."]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", type=Path)
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import specjax
+    from common import machine_record, write_record
+    from specjax.cli import shipped_models_dir
+
+    torch.set_num_threads(args.threads)
+    models = args.models or shipped_models_dir()
+    target_dir, draft_dir = models / "shakespeare-target", models / "shakespeare-draft"
+    hf_target = transformers.LlamaForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    hf_draft = transformers.LlamaForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
+    target = specjax.load(target_dir, dtype="float32")
+    draft = specjax.load(draft_dir, dtype="float32")
+    n = args.max_new_tokens
+
+    def hf_generate(ids, assistant):
+        with torch.no_grad():
+            started = time.perf_counter()
+            out = hf_target.generate(
+                torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                assistant_model=assistant, eos_token_id=None, pad_token_id=0,
+            )
+            seconds = time.perf_counter() - started
+        return out[0, len(ids):].tolist(), seconds
+
+    contestants = {
+        "transformers plain": lambda ids: hf_generate(ids, None),
+        "transformers assisted": lambda ids: hf_generate(ids, hf_draft),
+        "specjax plain": lambda ids: _specjax(specjax, target, None, ids, n),
+        "specjax speculative K=4": lambda ids: _specjax(specjax, target, draft, ids, n),
+    }
+    rows = []
+    for prompt in PROMPTS:
+        ids = target.tokenizer.encode(prompt).ids
+        rates, tokens = {name: [] for name in contestants}, {}
+        for round_index in range(args.repeats + 1):  # round 0 warms up and compiles
+            for name, run in contestants.items():
+                out, seconds = run(ids)
+                tokens[name] = out
+                if round_index:
+                    rates[name].append(len(out) / seconds)
+        reference = tokens["transformers plain"]
+        row = {"prompt": prompt, "tokens_per_second": {k: statistics.median(v) for k, v in rates.items()}, "mismatches": {}}
+        for name, out in tokens.items():
+            first = next((i for i, (a, b) in enumerate(zip(out, reference)) if a != b), None)
+            if first is not None or len(out) != len(reference):
+                row["mismatches"][name] = first if first is not None else min(len(out), len(reference))
+        rows.append(row)
+        print(f"{prompt[:20]!r}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in row["tokens_per_second"].items()), flush=True)
+        print(f"  greedy mismatches against transformers plain (first position): {row['mismatches'] or 'none'}", flush=True)
+
+    summary = {name: statistics.median(r["tokens_per_second"][name] for r in rows) for name in contestants}
+    ratio = summary["specjax speculative K=4"] / summary["transformers assisted"]
+    print(f"specjax speculative / transformers assisted: x{ratio:.2f}")
+    record = {**machine_record(), "threads": args.threads, "transformers": transformers.__version__,
+              "torch": torch.__version__, "max_new_tokens": n, "rows": rows, "median_tokens_per_second": summary,
+              "speculative_over_assisted": ratio}
+    print(f"wrote {write_record('vs_transformers', record)}")
+
+
+def _specjax(specjax, target, draft, ids, n):
+    result = specjax.generate(target, ids, draft=draft, max_new_tokens=n, num_draft_tokens=4, eos_token_id=[])
+    return result.tokens[0], result.stats.seconds
+
+
+if __name__ == "__main__":
+    main()
