@@ -19,6 +19,7 @@ from flax import nnx
 
 from specjax.config import ConfigError, ModelConfig, config_from_hf, parse_eos
 from specjax.model import Decoder, Model
+from specjax.quantized import has_quantized_layers, parse_quantize
 
 # Buffers that some exporters write next to the weights; they are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -152,27 +153,44 @@ def _eos_ids(folder: Path, config: ModelConfig) -> tuple[int, ...]:
     return config.eos_token_ids
 
 
-def load(path: str | os.PathLike, dtype=None) -> Model:
+def load(path: str | os.PathLike, dtype=None, quantize: str | None = None, group_size: int | None = 128) -> Model:
     """Load a Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3) as a `Model`.
 
     `dtype` is the compute and parameter dtype: "float32", "float16", "bfloat16" or None
     (float32 on CPU, where XLA's bfloat16 matmuls are slow, bfloat16 on accelerators).
+
+    `quantize="int4"` or `"int8"` quantizes the linear layers of a full-precision folder
+    by rounding to nearest, with symmetric float32 scales per `group_size` input rows
+    (32, 64 or 128, or None for one scale per output column). An untied lm_head is
+    quantized too; embeddings and norms stay in `dtype`. A folder whose config.json has
+    a GPTQ or AWQ `quantization_config` loads quantized as stored, with `quantize=None`.
     """
+    from specjax.quantized_checkpoint import quantization_scheme, quantize_linears
+
     folder = Path(path)
+    bits = parse_quantize(quantize, group_size)
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} not found")
     dtype = resolve_dtype(dtype)
     config = load_config(folder)
     files = _weight_files(folder)
 
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0))))
-    flat = nnx.to_flat_state(abstract)
-    expected = {_param_name(path): (path, var) for path, var in flat}
+    module = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    scheme = quantization_scheme(folder, bits, group_size)
+    quantized_tensors = set() if scheme is None else quantize_linears(module, folder, files, dtype, scheme)
+    graphdef, state = nnx.split(module)
+    flat = nnx.to_flat_state(state)
+    # Quantized layers contain loaded arrays already; the abstract parameters are read below.
+    loaded = [(path, var) for path, var in flat if not isinstance(var.get_value(), jax.ShapeDtypeStruct)]
+    expected = {
+        _param_name(path): (path, var) for path, var in flat
+        if isinstance(var.get_value(), jax.ShapeDtypeStruct)
+    }
     missing = sorted(set(expected) - set(files))
     if missing:
         raise CheckpointError(f"{folder}: missing tensor(s) {', '.join(missing[:5])}")
     unexpected = sorted(
-        name for name in set(files) - set(expected)
+        name for name in set(files) - set(expected) - quantized_tensors
         if not name.endswith(_IGNORED_SUFFIXES)
         and not (name == "lm_head.weight" and config.tie_word_embeddings)
     )
@@ -183,7 +201,7 @@ def load(path: str | os.PathLike, dtype=None) -> Model:
         )
 
     tensors = _read_tensors(files, sorted(expected))
-    arrays = []
+    arrays = loaded
     for name, (path, var) in expected.items():
         array = tensors[name].T if _is_kernel(path) else tensors[name]
         if array.shape != var.shape:
@@ -205,6 +223,11 @@ def save(model: Model, path: str | os.PathLike, dtype=None) -> None:
     """
     from safetensors.numpy import save_file
 
+    if has_quantized_layers(model):
+        raise ValueError(
+            "save writes full-precision checkpoints, but this model has quantized layers; "
+            "save the float model instead"
+        )
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     out_dtype = resolve_dtype(dtype) if dtype is not None else model.dtype

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this mass; 1 disables")
     gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default float32 on CPU)")
+    gen.add_argument("--quantize", choices=["int4", "int8"],
+                     help="quantize the linear layers of target and draft at load time by rounding to nearest")
+    gen.add_argument("--group-size", type=_positive_int, default=128,
+                     help="input rows per quantization scale with --quantize: 32, 64 or 128 (default 128)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text and statistics")
     return parser
 
@@ -84,8 +88,9 @@ def run_generate(args: argparse.Namespace) -> int:
         draft_dir = models / "shakespeare-draft"
 
     print(f"loading {target_dir}" + (f" and {draft_dir}" if draft_dir else ""), file=sys.stderr, flush=True)
-    target = specjax.load(target_dir, dtype=args.dtype)
-    draft = specjax.load(draft_dir, dtype=args.dtype) if draft_dir else None
+    quantization = {"quantize": args.quantize, "group_size": args.group_size}
+    target = specjax.load(target_dir, dtype=args.dtype, **quantization)
+    draft = specjax.load(draft_dir, dtype=args.dtype, **quantization) if draft_dir else None
     enable_compile_cache()
     result = specjax.generate(
         target,
