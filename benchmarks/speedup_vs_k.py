@@ -62,6 +62,9 @@ def main() -> None:
     target_seconds, draft_seconds = forward_seconds(target), forward_seconds(draft)
     cost_ratio = draft_seconds / target_seconds
     print(f"one forward: target {target_seconds * 1e3:.2f} ms, draft {draft_seconds * 1e3:.2f} ms, c = {cost_ratio:.3f}")
+    # The bound assumes that scoring K+1 tokens costs one target forward; on a CPU it costs more.
+    verify_ratios = {k: forward_seconds(target, tokens=k + 1) / target_seconds for k in range(1, args.max_k + 1)}
+    print("target forward of K+1 tokens / of 1 token: " + ", ".join(f"K={k}: {v:.2f}" for k, v in verify_ratios.items()))
 
     rows = []
     for temperature in (0.0, 0.8):
@@ -80,6 +83,8 @@ def main() -> None:
                 "acceptance_rate": alpha,
                 "mean_accepted_length": spec.stats.mean_accepted_length,
                 "bound": bound,
+                "verify_cost_ratio": verify_ratios[k],
+                "bound_with_verify_cost": bound * (k * cost_ratio + 1) / (k * cost_ratio + verify_ratios[k]),
                 "fraction_of_bound": spec_rate / plain_rate / bound,
                 "greedy_tokens_equal": spec.tokens == plain.tokens if temperature == 0 else None,
             }
@@ -96,6 +101,7 @@ def main() -> None:
         "target_forward_seconds": target_seconds,
         "draft_forward_seconds": draft_seconds,
         "cost_ratio": cost_ratio,
+        "verify_cost_ratios": verify_ratios,
         "rows": rows,
     }
     print(f"wrote {write_record('speedup_vs_k', record)}")
