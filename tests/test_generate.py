@@ -7,6 +7,7 @@ import pytest
 
 from generation_helpers import PROMPTS, assert_greedy_equal, noisy_copy, tiny_config
 from specjax import Model, generate
+from specjax.engine import capacity_for
 
 MAX_NEW_TOKENS = 24
 K = 4
@@ -200,3 +201,19 @@ def test_bfloat16_after_float32_same_config(target):
     result = generate(bfloat16_target, [PROMPTS[0]], max_new_tokens=8)
 
     assert len(result.tokens[0]) == 8
+
+
+def test_writes_stay_inside_capacity(target):
+    """The last step of a row that runs to its limit writes K + 1 slots after its pending
+    token; the capacity must hold them, so no cache write is ever dropped."""
+    prompt_lengths = [len(p) for p in PROMPTS]
+    width = max(prompt_lengths)
+    capacity = capacity_for(width, MAX_NEW_TOKENS, K)
+    last_pending = max(prompt_lengths) + MAX_NEW_TOKENS - 2  # position before the final step
+    assert last_pending + K + 1 <= capacity - 1
+
+    result = generate(target, PROMPTS, draft=target, max_new_tokens=MAX_NEW_TOKENS, num_draft_tokens=K,
+                      eos_token_id=[])
+    for row, prompt_length in zip(result.tokens, prompt_lengths):
+        assert prompt_length + len(row) <= capacity
+    assert result.finish_reasons == ["length"] * len(PROMPTS)
