@@ -36,7 +36,10 @@ def enable_compile_cache() -> None:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not >= 1")
     return value
@@ -78,10 +81,13 @@ def _stats_line(stats) -> str:
 
 def run_generate(args: argparse.Namespace) -> int:
     import specjax
+    from specjax.generate import validate_settings
 
     models = shipped_models_dir()
     if args.draft is not None and args.no_draft:
         raise ValueError("--draft and --no-draft contradict each other; pass one of them")
+    # Check the settings before the slow model load, so a typo fails at once.
+    validate_settings(args.max_new_tokens, args.num_draft_tokens, args.temperature, args.top_k, args.top_p)
     target_dir = args.target or models / "shakespeare-target"
     draft_dir = args.draft
     if draft_dir is None and args.target is None and not args.no_draft:
@@ -115,7 +121,7 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         text = result.text[0] if result.text else " ".join(map(str, result.tokens[0]))
         print(args.prompt + text)
-        print(_stats_line(stats))
+        print(_stats_line(stats), file=sys.stderr)
     return 0
 
 

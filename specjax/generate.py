@@ -107,7 +107,8 @@ def check_vocabularies(target: Model, draft: Model) -> None:
         )
 
 
-def _validate(target, draft, rows, max_new_tokens, num_draft_tokens, temperature, top_k, top_p):
+def validate_settings(max_new_tokens, num_draft_tokens, temperature, top_k, top_p) -> None:
+    """Raise ValueError, naming the value, for generation settings outside their ranges."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if not _is_int(num_draft_tokens) or num_draft_tokens < 1:
@@ -118,6 +119,10 @@ def _validate(target, draft, rows, max_new_tokens, num_draft_tokens, temperature
         raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 disables it)")
     if not (_is_real(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 disables it)")
+
+
+def _validate(target, draft, rows, max_new_tokens, num_draft_tokens, temperature, top_k, top_p):
+    validate_settings(max_new_tokens, num_draft_tokens, temperature, top_k, top_p)
     models = [("target", target)] + ([("draft", draft)] if draft is not None else [])
     for name, model in models:
         vocab, limit = model.config.vocab_size, model.config.max_position_embeddings
@@ -128,7 +133,8 @@ def _validate(target, draft, rows, max_new_tokens, num_draft_tokens, temperature
             if len(row) + max_new_tokens > limit:
                 raise ValueError(
                     f"prompt row {i} has {len(row)} tokens; with max_new_tokens={max_new_tokens} that "
-                    f"exceeds the {name}'s max_position_embeddings={limit}; shorten one of them"
+                    f"exceeds the {name}'s max_position_embeddings={limit}; use max_new_tokens <= "
+                    f"{limit - len(row)} or a shorter prompt"
                 )
 
 

@@ -39,10 +39,11 @@ def shipped(models_dir, monkeypatch):
 
 def test_generate_prints_text_and_stats(shipped, capsys):
     assert main(["generate", "ROMEO:", "--max-new-tokens", "8"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("ROMEO:")
-    assert "8 tokens in" in lines[-1]
-    assert "acceptance" in lines[-1]
+    captured = capsys.readouterr()
+    assert captured.out.startswith("ROMEO:")
+    stats_line = captured.err.strip().splitlines()[-1]
+    assert "8 tokens in" in stats_line
+    assert "acceptance" in stats_line
 
 
 def test_generate_json_record(shipped, capsys):
@@ -97,3 +98,10 @@ def test_bad_argument_exits_without_traceback(shipped):
     assert process.returncode == 2
     assert "--max-new-tokens" in process.stderr
     assert "Traceback" not in process.stderr
+
+
+def test_settings_checked_before_loading(monkeypatch, capsys):
+    monkeypatch.setenv("SPECJAX_MODELS", "/nonexistent/models")
+    assert main(["generate", "ROMEO:", "--top-p", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["specjax: error: top_p=0.0 must be in (0, 1] (1 disables it)"]
