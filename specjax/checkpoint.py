@@ -68,7 +68,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file that holds it."""
+    """Map each tensor name to the safetensors file that contains it."""
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     if single.is_file():
@@ -96,14 +96,14 @@ def _tensor_names(file: Path) -> list[str]:
         raise CheckpointError(f"{file} is not a valid safetensors file: {error}") from None
 
 
-def _read_tensors(files: dict[str, Path], wanted: list[str]) -> dict[str, np.ndarray]:
+def _read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     by_file: dict[Path, list[str]] = {}
-    for name in wanted:
+    for name in names:
         by_file.setdefault(files[name], []).append(name)
     tensors = {}
-    for file, names in by_file.items():
+    for file, file_names in by_file.items():
         if not file.is_file():
             raise CheckpointError(f"{file} not found (listed in model.safetensors.index.json)")
         try:
@@ -111,7 +111,7 @@ def _read_tensors(files: dict[str, Path], wanted: list[str]) -> dict[str, np.nda
         except Exception as error:  # safetensors raises its own error type for corrupt headers
             raise CheckpointError(f"{file} is not a valid safetensors file: {error}") from None
         with handle as f:
-            for name in names:
+            for name in file_names:
                 try:
                     tensors[name] = f.get_tensor(name)
                 except Exception as error:

@@ -45,7 +45,7 @@ def verify_sampled(
     draft_probs: jax.Array,
     drafts: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """Lossless speculative sampling (Leviathan et al. 2023, Chen et al. 2023).
+    """Verify sampled drafts so that the emitted tokens follow p exactly (speculative sampling).
 
     target_probs p (B, K+1, V) and draft_probs q (B, K, V) are the processed
     distributions; drafts (B, K) were sampled from q. Draft i is accepted with probability
