@@ -64,8 +64,8 @@ def forward_seconds(model, batch: int = 1, tokens: int = 1, context: int = 128, 
 
 def speedup_bound(acceptance: float, num_draft: int, cost_ratio: float) -> float:
     """Expected speedup (1 - a^(K+1)) / ((1 - a)(K c + 1)) for per-token acceptance a,
-    K drafts and a draft forward costing c target forwards; it assumes that scoring K + 1
-    tokens costs one target forward."""
+    K drafts and a draft forward costing c target forwards. The formula assumes that
+    scoring K + 1 tokens costs one target forward."""
     if acceptance >= 1.0:
         expected_tokens = num_draft + 1.0
     else:

@@ -55,6 +55,6 @@ def write(layer_cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.A
 
 
 def visible_mask(positions: jax.Array, capacity: int) -> jax.Array:
-    """Boolean (B, T, S): a query at position p sees the slots 0..p of its own row."""
+    """Return the boolean mask (B, T, S) that lets a query at position p attend to slots 0..p of its row."""
     slots = jnp.arange(capacity)
     return slots[None, None, :] <= positions[:, :, None]

@@ -10,7 +10,7 @@ EOS_TOKEN = "<|endoftext|>"
 
 
 def text_files(path: str | Path) -> list[Path]:
-    """The .txt files under `path` (or `path` itself), sorted so that splits are reproducible."""
+    """List the .txt files under `path` (or `path` itself), sorted so that splits are reproducible."""
     path = Path(path)
     if path.is_file():
         return [path]

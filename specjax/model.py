@@ -200,6 +200,6 @@ class Model:
 
     @classmethod
     def random(cls, config: ModelConfig, *, seed: int = 0, dtype=jnp.float32, tokenizer=None):
-        """A model with random weights, for tests and benchmarks."""
+        """Build a model with random weights, for tests and benchmarks."""
         graphdef, params = init_decoder(config, seed=seed, dtype=dtype)
         return cls(config, graphdef, params, tokenizer, config.eos_token_ids)

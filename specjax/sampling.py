@@ -18,8 +18,8 @@ from flax import struct
 class SamplingParams:
     """Sampling settings as traced scalars, so new values reuse the compiled program.
 
-    `filtered` is static: it says whether top-k or top-p may cut anything, which decides
-    whether the program sorts the vocabulary at all.
+    `filtered` is static. It is True when top-k or top-p may cut tokens, and only then
+    does the program sort the vocabulary.
     """
 
     temperature: jax.Array  # float32 scalar, > 0
@@ -70,5 +70,5 @@ def processed_probs(logits: jax.Array, params: SamplingParams) -> jax.Array:
 
 
 def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
-    """One token id per row of probs (..., V); rows are independent draws."""
+    """Sample one token id per row of probs (..., V), each row an independent draw."""
     return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)

@@ -49,8 +49,8 @@ def verify_sampled(
 
     target_probs p (B, K+1, V) and draft_probs q (B, K, V) are the processed
     distributions; drafts (B, K) were sampled from q. Draft i is accepted with probability
-    min(1, p_i(x) / q_i(x)). At the first rejection the token comes from
-    normalize(max(0, p - q)) at that position; when all K are accepted it comes from p at
+    min(1, p_i(x) / q_i(x)). At the first rejection, the token comes from
+    normalize(max(0, p - q)) at that position. When all K are accepted, it comes from p at
     position K+1. The emitted tokens are then distributed exactly as sampling from p.
     """
     batch, k = drafts.shape
