@@ -1,4 +1,7 @@
-"""Shared helpers for benchmark scripts: the machine record and JSON output."""
+"""Shared helpers for benchmark scripts: the machine record and JSON output.
+
+forward_seconds and speedup_bound live in specjax.bench, which `specjax bench` also uses.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import os
 import platform
 import sys
 from pathlib import Path
+
+from specjax.bench import forward_seconds, speedup_bound  # noqa: F401 (re-exported)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -35,39 +40,3 @@ def write_record(name: str, record: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
-
-
-def forward_seconds(model, batch: int = 1, tokens: int = 1, context: int = 128, repeats: int = 50) -> float:
-    """Median seconds of one jitted forward of `tokens` new tokens per row after `context` cached ones."""
-    import statistics
-    import time
-
-    import jax
-    import jax.numpy as jnp
-
-    from specjax.cache import init_cache
-    from specjax.model import forward
-
-    capacity = context + tokens
-    cache = init_cache(model.config, batch, capacity, model.dtype)
-    step = jax.jit(lambda params, ids, positions, cache: forward(model.graphdef, params, ids, positions, cache)[0])
-    ids = jnp.ones((batch, tokens), jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(context, capacity, dtype=jnp.int32), (batch, tokens))
-    jax.block_until_ready(step(model.params, ids, positions, cache))
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        jax.block_until_ready(step(model.params, ids, positions, cache))
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def speedup_bound(acceptance: float, num_draft: int, cost_ratio: float) -> float:
-    """Expected speedup (1 - a^(K+1)) / ((1 - a)(K c + 1)) for per-token acceptance a,
-    K drafts and a draft forward costing c target forwards. The formula assumes that
-    scoring K + 1 tokens costs one target forward."""
-    if acceptance >= 1.0:
-        expected_tokens = num_draft + 1.0
-    else:
-        expected_tokens = (1 - acceptance ** (num_draft + 1)) / (1 - acceptance)
-    return expected_tokens / (num_draft * cost_ratio + 1)

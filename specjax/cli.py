@@ -1,4 +1,5 @@
-"""The `specjax` command: `specjax generate` on the shipped model pair or any Hugging Face folders."""
+"""The `specjax` command: `specjax generate` and `specjax bench`, on the shipped model pair
+or any Hugging Face folders."""
 
 from __future__ import annotations
 
@@ -54,7 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft", type=Path, help="draft model folder (default: the shipped draft, unless --target is given)")
     gen.add_argument("--no-draft", action="store_true", help="plain decoding with the target alone")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate at most (default 64)")
-    gen.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per step, K (default 4)")
+    gen.add_argument("--num-draft-tokens", type=int, default=4, help="maximum draft tokens per step, K (default 4)")
+    gen.add_argument("--fixed-k", action="store_true",
+                     help="draft K tokens every step instead of adapting the number to the acceptance rate")
+    gen.add_argument("--min-acceptance", type=float, default=0.4,
+                     help="pause drafting while the acceptance rate is below this (default 0.4; 0 never pauses)")
+    gen.add_argument("--confidence-threshold", type=float, default=0.0,
+                     help="stop a step's drafts after a token the draft gives less probability (default 0: off)")
     gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables (default)")
     gen.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this mass; 1 disables")
@@ -65,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--group-size", type=_positive_int, default=128,
                      help="input rows per quantization scale with --quantize: 32, 64 or 128 (default 128)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text and statistics")
+    from specjax import bench
+
+    bench.add_parser(commands)
     return parser
 
 
@@ -74,20 +84,24 @@ def _stats_line(stats) -> str:
         f"{stats.mean_accepted_length:.2f} tokens per target call",
     ]
     if stats.acceptance_rate is not None:
-        parts.append(f"acceptance {stats.acceptance_rate:.2f} at K={stats.num_draft_tokens}")
+        parts.append(
+            f"acceptance {stats.acceptance_rate:.2f}, {stats.mean_draft_tokens:.2f} drafts per call "
+            f"(K up to {stats.num_draft_tokens})"
+        )
     parts.append(f"compile {stats.compile_seconds:.1f} s")
     return ", ".join(parts)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     import specjax
-    from specjax.generate import validate_settings
+    from specjax.inputs import validate_draft_settings, validate_settings
 
     models = shipped_models_dir()
     if args.draft is not None and args.no_draft:
         raise ValueError("--draft and --no-draft contradict each other; pass one of them")
     # Check the settings before the slow model load, so a typo fails at once.
     validate_settings(args.max_new_tokens, args.num_draft_tokens, args.temperature, args.top_k, args.top_p)
+    validate_draft_settings(not args.fixed_k, args.confidence_threshold, args.min_acceptance)
     target_dir = args.target or models / "shakespeare-target"
     draft_dir = args.draft
     if draft_dir is None and args.target is None and not args.no_draft:
@@ -108,6 +122,9 @@ def run_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        adaptive=not args.fixed_k,
+        confidence_threshold=args.confidence_threshold,
+        min_acceptance=args.min_acceptance,
     )
     stats = result.stats
     if args.json:
@@ -125,10 +142,25 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    import specjax
+    from specjax import bench
+
+    bench.validate(args)
+    models = shipped_models_dir()
+    target_dir = args.target or models / "shakespeare-target"
+    draft_dir = args.draft or models / "shakespeare-draft"
+    print(f"loading {target_dir} and {draft_dir}", file=sys.stderr, flush=True)
+    target, draft = specjax.load(target_dir), specjax.load(draft_dir)
+    enable_compile_cache()
+    print("\n".join(bench.run(args, target, draft)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run_generate(args)
+        return run_bench(args) if args.command == "bench" else run_generate(args)
     except (ValueError, OSError) as error:  # CheckpointError and ConfigError are ValueErrors
         print(f"specjax: error: {error}", file=sys.stderr)
         return 2

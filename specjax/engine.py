@@ -1,12 +1,14 @@
 """The compiled generation loop: prefill, then draft, score, verify and commit until done.
 
 One `jax.jit` program runs the whole generation, with a `lax.while_loop` over steps, so
-there is no host round trip per step. Plain decoding is the same loop with no draft and
-K = 0: the target scores one token and the "bonus" sample is the next token.
+there is no host round trip per step. A plain step scores the pending token alone and
+samples the next; plain decoding is a loop of those. With adaptive drafting, the schedule
+switches between runs of plain and of drafting steps, on the device.
 
 Sequence bookkeeping per row: `tokens` holds prompt and generated tokens; the last
-committed token is pending (not yet fed to any model), and both caches hold the tokens
-before it, so `cache.lengths` = committed tokens - 1.
+committed token is pending (not yet fed to any model), and the target cache holds the
+tokens before it, so its `lengths` = committed tokens - 1. The draft cache may trail
+further; see `specjax.draft`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from specjax.cache import KVCache, init_cache
-from specjax.draft import propose
+from specjax.draft import catch_up, propose
 from specjax.model import forward
-from specjax.sampling import SamplingParams, processed_probs
+from specjax.sampling import SamplingParams, processed_probs, sample
+from specjax.schedule import Schedule, after_draft_step, after_plain_step, budget
 from specjax.verify import verify_greedy, verify_sampled
 
 RUNNING, STOPPED_AT_EOS, STOPPED_AT_LENGTH = 0, 1, 2
@@ -35,7 +38,8 @@ class EngineSpec:
     target_config: object
     draft: nnx.GraphDef | None
     draft_config: object | None
-    num_draft_tokens: int  # K; 0 when there is no draft
+    num_draft_tokens: int  # K, the maximum drafts per step; 0 when there is no draft
+    adaptive: bool  # choose each step's number of drafts (0..K) with `schedule`
     greedy: bool
     capacity: int  # S, slots per row in the token buffer and both caches
 
@@ -58,6 +62,7 @@ class LoopState:
     row_steps: jax.Array  # (B,) int32: target forwards while the row was running
     drafted: jax.Array  # (B,) int32
     accepted: jax.Array  # (B,) int32
+    schedule: Schedule
 
     @property
     def lengths(self) -> jax.Array:
@@ -99,61 +104,102 @@ def _commit(state: LoopState, block: jax.Array, count: jax.Array, eos_ids, max_n
     return tokens, lengths + count, finish
 
 
-def _step(spec: EngineSpec, target_params, draft_params, sampling, eos_ids, max_new_tokens, state: LoopState):
+@struct.dataclass
+class DraftControls:
+    """Drafting settings as traced scalars, so new values reuse the compiled program."""
+
+    confidence_threshold: jax.Array  # float32: stop a row's drafts after a less likely token
+    min_acceptance: jax.Array  # float32: pause drafting below this acceptance (adaptive only)
+
+    @classmethod
+    def create(cls, confidence_threshold: float = 0.0, min_acceptance: float = 0.0) -> "DraftControls":
+        return cls(jnp.float32(confidence_threshold), jnp.float32(min_acceptance))
+
+
+def _plain_step(spec: EngineSpec, target_params, sampling, eos_ids, max_new_tokens, state: LoopState):
+    """Score the pending token alone and take the target's next token; the draft sits out."""
+    batch = state.tokens.shape[0]
+    lengths = state.lengths
+    last = state.tokens[jnp.arange(batch), lengths - 1]
+    key, _, verify_key = jax.random.split(state.key, 3)
+    logits, target_cache = forward(
+        spec.target, target_params, last[:, None], (lengths - 1)[:, None], state.target_cache
+    )
+    if spec.greedy:
+        next_token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+    else:
+        next_token = sample(verify_key, processed_probs(logits[:, 0], sampling))
+    zeros = jnp.zeros((batch,), jnp.int32)
+    schedule = after_plain_step(state.schedule)
+    return _advance(state, key, next_token[:, None], zeros, zeros, target_cache, state.draft_cache,
+                    schedule, eos_ids, max_new_tokens)
+
+
+def _draft_step(spec: EngineSpec, target_params, draft_params, sampling, eos_ids, max_new_tokens,
+                controls: DraftControls, draft_budget, state: LoopState):
+    """Draft up to `draft_budget` tokens, score them with one target forward and verify."""
     batch = state.tokens.shape[0]
     rows = jnp.arange(batch)
     lengths = state.lengths
+    running = state.finish == RUNNING
     last = state.tokens[rows, lengths - 1]
     key, draft_key, verify_key = jax.random.split(state.key, 3)
-    vocab = spec.target_config.vocab_size
+    k = spec.num_draft_tokens
 
-    draft_cache = state.draft_cache
-    if spec.draft is None:
-        drafts, draft_probs = jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0, vocab))
-    else:
-        last_two = jnp.stack([state.tokens[rows, jnp.maximum(lengths - 2, 0)], last], axis=1)
-        # A target with a padded embedding may emit ids that the draft has no row for.
-        # Verification stays exact whatever the draft is fed, so clip them into its range.
-        last_two = jnp.minimum(last_two, spec.draft_config.vocab_size - 1)
-        drafts, draft_probs, draft_cache = propose(
-            spec.draft, draft_params, draft_cache, last_two, spec.num_draft_tokens,
-            None if spec.greedy else sampling, draft_key, vocab,
-        )
-
+    first_logits, draft_cache = catch_up(
+        spec.draft, draft_params, state.draft_cache, state.tokens, lengths, running,
+        spec.draft_config.vocab_size,
+    )
+    drafts, draft_probs, counts, draft_cache = propose(
+        spec.draft, draft_params, draft_cache, first_logits, draft_budget, k,
+        None if spec.greedy else sampling, draft_key, spec.target_config.vocab_size,
+        controls.confidence_threshold, running,
+    )
     scored = jnp.concatenate([last[:, None], drafts], axis=1)  # (B, K+1)
-    positions = (lengths - 1)[:, None] + jnp.arange(spec.num_draft_tokens + 1)[None, :]
+    positions = (lengths - 1)[:, None] + jnp.arange(k + 1)[None, :]
     target_logits, target_cache = forward(spec.target, target_params, scored, positions, state.target_cache)
     if spec.greedy:
-        num_accepted, next_token = verify_greedy(target_logits, drafts)
+        num_accepted, next_token = verify_greedy(target_logits, drafts, counts)
     else:
         target_probs = processed_probs(target_logits, sampling)
-        num_accepted, next_token = verify_sampled(verify_key, target_probs, draft_probs, drafts)
+        num_accepted, next_token = verify_sampled(verify_key, target_probs, draft_probs, drafts, counts)
 
     block = jnp.concatenate([drafts, jnp.zeros((batch, 1), jnp.int32)], axis=1)
     block = block.at[rows, num_accepted].set(next_token)  # drafts[:n], then the target's token
+    # The draft saw the committed tokens and drafts 1..count-1; of those, the accepted stay valid.
+    fed_drafts = jnp.maximum(counts - 1, 0)
+    draft_cache = draft_cache.with_lengths(lengths + jnp.minimum(num_accepted, fed_drafts))
+    active = running.astype(jnp.int32)
+    schedule = after_draft_step(
+        state.schedule, jnp.sum(active * num_accepted), jnp.sum(active * counts), controls.min_acceptance
+    )
+    return _advance(state, key, block, num_accepted, counts, target_cache, draft_cache, schedule,
+                    eos_ids, max_new_tokens)
+
+
+def _advance(state: LoopState, key, block, num_accepted, counts, target_cache, draft_cache, schedule,
+             eos_ids, max_new_tokens) -> LoopState:
+    """Commit block[:, :n + 1] per running row and update the counters."""
     running = state.finish == RUNNING
     tokens, new_lengths, finish = _commit(state, block, num_accepted + 1, eos_ids, max_new_tokens)
-
-    target_cache = target_cache.with_lengths(new_lengths - 1)
-    if draft_cache is not None:
-        draft_cache = draft_cache.with_lengths(new_lengths - 1)
     active = running.astype(jnp.int32)
     return state.replace(
         tokens=tokens,
-        target_cache=target_cache,
+        target_cache=target_cache.with_lengths(new_lengths - 1),
         draft_cache=draft_cache,
         finish=finish,
         key=key,
         steps=state.steps + 1,
         row_steps=state.row_steps + active,
-        drafted=state.drafted + active * spec.num_draft_tokens,
+        drafted=state.drafted + active * counts,
         accepted=state.accepted + active * num_accepted,
+        schedule=schedule,
     )
 
 
 @functools.partial(jax.jit, static_argnames="spec")
 def run(spec: EngineSpec, target_params, draft_params, prompt, prompt_lengths, max_new_tokens,
-        sampling: SamplingParams | None, eos_ids, key) -> LoopState:
+        sampling: SamplingParams | None, eos_ids, key, controls: DraftControls) -> LoopState:
     """Generate up to `max_new_tokens` per row for the right-padded prompt (B, P).
 
     `prompt_lengths` (B,) gives each row's real length; `eos_ids` (E,) the stop tokens.
@@ -173,7 +219,7 @@ def run(spec: EngineSpec, target_params, draft_params, prompt, prompt_lengths, m
     state = LoopState(
         tokens=tokens, prompt_lengths=prompt_lengths, target_cache=target_cache,
         draft_cache=draft_cache, finish=zeros, key=key, steps=jnp.int32(0),
-        row_steps=zeros, drafted=zeros, accepted=zeros,
+        row_steps=zeros, drafted=zeros, accepted=zeros, schedule=Schedule.start(),
     )
 
     def unfinished(state: LoopState):
@@ -181,7 +227,30 @@ def run(spec: EngineSpec, target_params, draft_params, prompt, prompt_lengths, m
         # steps always suffice; the bound is a guard, not the stopping rule.
         return jnp.any(state.finish == RUNNING) & (state.steps < max_new_tokens)
 
-    def body(state: LoopState):
-        return _step(spec, target_params, draft_params, sampling, eos_ids, max_new_tokens, state)
+    def plain(state: LoopState):
+        return _plain_step(spec, target_params, sampling, eos_ids, max_new_tokens, state)
 
-    return jax.lax.while_loop(unfinished, body, state)
+    def drafting(state: LoopState, draft_budget):
+        return _draft_step(spec, target_params, draft_params, sampling, eos_ids, max_new_tokens,
+                           controls, draft_budget, state)
+
+    if spec.draft is None:
+        return jax.lax.while_loop(unfinished, plain, state)
+    if not spec.adaptive:
+        return jax.lax.while_loop(unfinished, lambda state: drafting(state, spec.num_draft_tokens), state)
+
+    # Adaptive: alternate a run of plain steps while drafting is paused with a run of
+    # drafting steps until the schedule pauses. Nested loops rather than lax.cond per
+    # step, because XLA copied both caches into and out of a conditional every step.
+    def paused(state: LoopState):
+        return state.schedule.pause > 0
+
+    def phases(state: LoopState):
+        state = jax.lax.while_loop(lambda s: unfinished(s) & paused(s), plain, state)
+        return jax.lax.while_loop(
+            lambda s: unfinished(s) & ~paused(s),
+            lambda s: drafting(s, budget(s.schedule, spec.num_draft_tokens)),
+            state,
+        )
+
+    return jax.lax.while_loop(unfinished, phases, state)

@@ -63,15 +63,19 @@ def exact_distribution(target: Model, settings: dict) -> np.ndarray:
     return np.prod(picked, axis=0)
 
 
-def speculative_counts(target: Model, draft: Model, settings: dict, num_draft: int) -> tuple[np.ndarray, float | None]:
-    """Counts of each outcome over SAMPLES rows, and the mean acceptance rate (None for plain)."""
+def speculative_counts(
+    target: Model, draft: Model, settings: dict, num_draft: int, **drafting
+) -> tuple[np.ndarray, float | None]:
+    """Counts of each outcome over SAMPLES rows, and the mean acceptance rate (None for plain).
+
+    Drafting is fixed at `num_draft` tokens per step unless `drafting` says otherwise."""
     counts = np.zeros(VOCAB**NEW_TOKENS)
     rates = []
     for seed in range(2):
         result = generate(
             target, [PROMPT] * (SAMPLES // 2), draft=draft if num_draft else None,
             max_new_tokens=NEW_TOKENS, num_draft_tokens=max(num_draft, 1), seed=seed,
-            eos_token_id=[], **settings,
+            eos_token_id=[], **({"adaptive": False} | drafting | settings),
         )
         for row in result.tokens:
             counts[np.ravel_multi_index(row, (VOCAB,) * NEW_TOKENS)] += 1
@@ -105,6 +109,22 @@ def test_sampled_matches_target(pair, name, num_draft):
     assert chi_squared_p_value(counts, expected) > 1e-3
 
 
+# Adaptive drafting with a confidence cut-off: drafts of 1 to 3 tokens, and a pause of plain
+# steps after the first step (min_acceptance is high), so one row mixes both kinds of step.
+ADAPTIVE = dict(adaptive=True, confidence_threshold=0.5, min_acceptance=0.9)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_adaptive_sampled_matches_target(pair, name):
+    target, draft = pair
+    settings = CASES[name]
+    expected = exact_distribution(target, settings)
+    counts, acceptance = speculative_counts(target, draft, settings, 3, **ADAPTIVE)
+    assert 0.05 < acceptance < 0.95, "both the accept and the reject path must be exercised"
+    assert counts[expected == 0].sum() == 0
+    assert chi_squared_p_value(counts, expected) > 1e-3
+
+
 @pytest.fixture
 def fresh_programs():
     """Drop compiled programs so a patched function is traced anew, before and after."""
@@ -122,7 +142,8 @@ def test_chi_squared_rejects_argmax_draft(pair, monkeypatch, fresh_programs):
 
     def argmax_choose(logits, sampling, key):
         probs = processed_probs(logits, sampling)
-        return jnp.argmax(probs, axis=-1).astype(jnp.int32), probs
+        token = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+        return token, jnp.max(probs, axis=-1), probs
 
     monkeypatch.setattr(specjax.draft, "_choose", argmax_choose)
     target, draft = pair
@@ -144,3 +165,17 @@ def test_chi_squared_rejects_top_p_ignored_in_acceptance(pair, monkeypatch, fres
     expected = exact_distribution(target, settings)
     outside_top_p = counts[expected == 0].sum()
     assert outside_top_p > 0 or chi_squared_p_value(counts, expected) < 1e-6
+
+
+def test_chi_squared_rejects_dropping_unlikely_drafts(pair, monkeypatch, fresh_programs):
+    """Withholding a draft because its own probability is low biases the output."""
+
+    def drop_unlikely(drafting, confidence, threshold):
+        kept = drafting & (confidence >= threshold)
+        return kept, kept
+
+    monkeypatch.setattr(specjax.draft, "_cut", drop_unlikely)
+    target, draft = pair
+    settings = CASES["temperature 1"]
+    counts, _ = speculative_counts(target, draft, settings, 3, **ADAPTIVE)
+    assert chi_squared_p_value(counts, exact_distribution(target, settings)) < 1e-6

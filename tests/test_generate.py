@@ -50,11 +50,44 @@ def _stop_token(rows: list[list[int]], row_index: int, block_width: int) -> tupl
 def test_perfect_draft_accepts_everything(target, sampling):
     result = generate(
         target, [PROMPTS[0]], draft=target, num_draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS,
-        seed=3, **sampling,
+        seed=3, adaptive=False, **sampling,
     )
     assert result.stats.acceptance_rate == 1.0
     assert result.stats.target_calls == math.ceil(MAX_NEW_TOKENS / (K + 1))
     assert result.stats.mean_accepted_length == pytest.approx(MAX_NEW_TOKENS / result.stats.target_calls)
+    assert result.stats.mean_draft_tokens == K
+
+
+def test_adaptive_drafting_grows_to_k_with_perfect_draft(target):
+    result = generate(target, [PROMPTS[0]], draft=target, num_draft_tokens=K, max_new_tokens=48)
+    stats = result.stats
+    assert stats.acceptance_rate == 1.0
+    assert stats.draft_steps == stats.target_calls, "a perfect draft never pauses"
+    # The schedule starts at two drafts and reaches K within a few steps.
+    assert K - 1 < stats.mean_draft_tokens <= K
+    assert stats.target_calls <= math.ceil(48 / (K + 1)) + 2
+
+
+def test_adaptive_drafting_pauses_a_useless_draft(target, plain_batch):
+    useless = Model.random(target.config, seed=99)
+    result = generate(target, [PROMPTS[0]], draft=useless, num_draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS)
+    fixed = generate(
+        target, [PROMPTS[0]], draft=useless, num_draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS, adaptive=False
+    )
+    assert_greedy_equal(target, PROMPTS[0], result.tokens[0], plain_batch.tokens[0])
+    assert fixed.stats.draft_steps == fixed.stats.target_calls
+    # Pauses of 4 and then 8 plain steps follow the first poor drafting steps.
+    assert result.stats.draft_steps <= 4 < result.stats.target_calls - result.stats.draft_steps
+    assert result.stats.mean_draft_tokens < 1
+
+
+def test_confidence_cut_off_shortens_drafts(target, noisy_draft, plain_batch):
+    cut = generate(
+        target, [PROMPTS[0]], draft=noisy_draft, num_draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS,
+        adaptive=False, confidence_threshold=0.99,
+    )
+    assert_greedy_equal(target, PROMPTS[0], cut.tokens[0], plain_batch.tokens[0])
+    assert 1 <= cut.stats.mean_draft_tokens < K
 
 
 def test_eos_inside_accepted_block_ends_row(target, plain_batch):
@@ -146,7 +179,8 @@ def test_same_seed_reproduces_sample(target, noisy_draft):
 
 def test_speculative_stats_are_consistent(target, noisy_draft):
     result = generate(
-        target, [PROMPTS[1]], draft=noisy_draft, num_draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS
+        target, [PROMPTS[1]], draft=noisy_draft, num_draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS,
+        adaptive=False,
     )
     stats = result.stats
 
@@ -168,7 +202,8 @@ def test_speculative_stats_are_consistent(target, noisy_draft):
 def test_batch_stats_count_running_rows(target, plain_batch):
     eos, _ = _stop_token(plain_batch.tokens, 0, K + 1)
     result = generate(
-        target, PROMPTS, draft=target, num_draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos
+        target, PROMPTS, draft=target, num_draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos,
+        adaptive=False,
     )
     stats = result.stats
     row_forwards, remainder = divmod(stats.drafted_tokens, K)

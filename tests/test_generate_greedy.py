@@ -60,9 +60,13 @@ def model_sets():
         st.lists(st.integers(0, VOCAB_SIZE - 1), min_size=1, max_size=16), min_size=1, max_size=3
     ),
     max_new_tokens=st.integers(1, 30),
+    adaptive=st.booleans(),
+    confidence_threshold=st.sampled_from([0.0, 0.3, 0.9]),
+    min_acceptance=st.sampled_from([0.0, 0.4, 0.9]),
 )
 def test_speculative_greedy_matches_plain(
-    model_sets, set_index, draft_kind, num_draft_tokens, prompts, max_new_tokens
+    model_sets, set_index, draft_kind, num_draft_tokens, prompts, max_new_tokens, adaptive,
+    confidence_threshold, min_acceptance,
 ):
     target, drafts = model_sets[set_index]
     plain = generate(target, prompts, max_new_tokens=max_new_tokens)
@@ -72,6 +76,9 @@ def test_speculative_greedy_matches_plain(
         draft=drafts[draft_kind],
         num_draft_tokens=num_draft_tokens,
         max_new_tokens=max_new_tokens,
+        adaptive=adaptive,
+        confidence_threshold=confidence_threshold,
+        min_acceptance=min_acceptance,
     )
 
     assert speculative.finish_reasons == plain.finish_reasons
@@ -79,7 +86,7 @@ def test_speculative_greedy_matches_plain(
         assert_greedy_equal(target, prompt, got, expected)
 
 
-def _verify_one_extra(target_logits, drafts):
+def _verify_one_extra(target_logits, drafts, counts=None):
     """A broken `verify_greedy` that also accepts the draft right after the first mismatch."""
     choices = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
     matched = count_accepted(drafts == choices[:, :-1])
@@ -99,7 +106,9 @@ def test_broken_verifier_changes_output(model_sets, monkeypatch):
     monkeypatch.setattr(generate_module, "_compiled", {})
     jax.clear_caches()
     try:
-        broken = generate(target, [prompt], draft=drafts["random"], num_draft_tokens=4, max_new_tokens=24)
+        broken = generate(
+            target, [prompt], draft=drafts["random"], num_draft_tokens=4, max_new_tokens=24, adaptive=False
+        )
     finally:
         jax.clear_caches()
 

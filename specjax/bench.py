@@ -1,0 +1,153 @@
+"""`specjax bench`: a quick speed check of speculative against plain decoding.
+
+It measures, in one process, plain and speculative greedy decoding for several K and
+with adaptive drafting, the draft/target forward cost ratio c with the analytic bound,
+and total throughput against batch size. The scripts in benchmarks/ measure the same
+with more repeats and record every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+PROMPT = "ROMEO:\n"
+
+
+def forward_seconds(model, batch: int = 1, tokens: int = 1, context: int = 128, repeats: int = 20) -> float:
+    """Seconds per forward of `tokens` new tokens per row after `context` cached ones.
+
+    The forwards run in one compiled loop that carries the cache, as in generation, so
+    the figure excludes Python dispatch. Returns the median over five such loops.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from specjax.cache import init_cache
+    from specjax.model import forward
+    from specjax.xla import compile_program
+
+    def loop(params, ids, positions, cache):
+        def body(_, carry):
+            cache, total = carry
+            logits, cache = forward(model.graphdef, params, ids, positions, cache)
+            return cache, total + logits[0, 0, 0].astype(jnp.float32)
+
+        return jax.lax.fori_loop(0, repeats, body, (cache, jnp.float32(0)))[1]
+
+    cache = init_cache(model.config, batch, context + tokens, model.dtype)
+    ids = jnp.ones((batch, tokens), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(context, context + tokens, dtype=jnp.int32), (batch, tokens))
+    compiled = compile_program(jax.jit(loop).lower(model.params, ids, positions, cache))
+    jax.block_until_ready(compiled(model.params, ids, positions, cache))
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        jax.block_until_ready(compiled(model.params, ids, positions, cache))
+        times.append((time.perf_counter() - started) / repeats)
+    return statistics.median(times)
+
+
+def speedup_bound(acceptance: float, num_draft: int, cost_ratio: float) -> float:
+    """Expected speedup (1 - a^(K+1)) / ((1 - a)(K c + 1)) for per-token acceptance a,
+    K drafts and a draft forward costing c target forwards. The formula assumes that
+    scoring K + 1 tokens costs one target forward."""
+    if acceptance >= 1.0:
+        expected_tokens = num_draft + 1.0
+    else:
+        expected_tokens = (1 - acceptance ** (num_draft + 1)) / (1 - acceptance)
+    return expected_tokens / (num_draft * cost_ratio + 1)
+
+
+class Progress:
+    """A one-line progress bar on stderr; on a non-terminal, one line per finished item."""
+
+    def __init__(self, total: int, width: int = 30):
+        self.total, self.done, self.width = total, 0, width
+        self.live = sys.stderr.isatty()
+
+    def advance(self, label: str) -> None:
+        self.done += 1
+        filled = self.width * self.done // self.total
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {label}"
+        if self.live:
+            end = "\n" if self.done == self.total else ""
+            print(f"\r{line:<80}", end=end, file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+def _median_rate(generate, progress, label, repeats, **settings):
+    """Median tokens/s over `repeats` calls after one that compiles; also the last result."""
+    rates, result = [], None
+    for index in range(repeats + 1):
+        result = generate(**settings)
+        if index:
+            rates.append(result.stats.tokens_per_second)
+        progress.advance(label)
+    return statistics.median(rates), result
+
+
+def add_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="measure speculative against plain decoding on this machine")
+    bench.add_argument("--target", type=Path, help="target model folder (default: the shipped target)")
+    bench.add_argument("--draft", type=Path, help="draft model folder (default: the shipped draft)")
+    bench.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default 128)")
+    bench.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6], help="draft lengths K to try (default 2 4 6)")
+    bench.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8], help="batch sizes (default 1 4 8)")
+    bench.add_argument("--repeats", type=int, default=2, help="timed calls per setting (default 2)")
+
+
+def validate(args: argparse.Namespace) -> None:
+    for name in ("max_new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    for name in ("ks", "batches"):
+        bad = [v for v in getattr(args, name) if v < 1]
+        if bad:
+            raise ValueError(f"--{name} value {bad[0]} must be >= 1")
+
+
+def run(args: argparse.Namespace, target, draft) -> list[str]:
+    """Measure and return the table's lines."""
+    import specjax
+
+    def generate(prompts=PROMPT, **settings):
+        return specjax.generate(target, prompts, max_new_tokens=args.max_new_tokens, **settings)
+
+    steps = (len(args.ks) + 2 + 2 * len(args.batches)) * (args.repeats + 1)
+    progress = Progress(steps)
+    target_seconds, draft_seconds = forward_seconds(target), forward_seconds(draft)
+    cost_ratio = draft_seconds / target_seconds
+    plain_rate, _ = _median_rate(generate, progress, "plain", args.repeats)
+
+    lines = [
+        f"one forward: target {target_seconds * 1e3:.2f} ms, draft {draft_seconds * 1e3:.2f} ms, "
+        f"cost ratio c = {cost_ratio:.3f}",
+        f"plain greedy, batch 1: {plain_rate:.1f} tokens/s",
+        "",
+        f"{'drafting':<12} {'tokens/s':>9} {'speedup':>8} {'accept':>7} {'drafts/call':>12} "
+        f"{'tokens/call':>12} {'bound':>6}",
+    ]
+    settings = [(f"K={k}", dict(num_draft_tokens=k, adaptive=False)) for k in args.ks]
+    settings.append((f"adaptive<={max(args.ks)}", dict(num_draft_tokens=max(args.ks))))
+    for label, extra in settings:
+        rate, result = _median_rate(generate, progress, label, args.repeats, draft=draft, **extra)
+        stats = result.stats
+        alpha = stats.acceptance_rate or 0.0
+        bound = speedup_bound(alpha, extra["num_draft_tokens"], cost_ratio) if not extra.get("adaptive", True) else None
+        lines.append(
+            f"{label:<12} {rate:>9.1f} {rate / plain_rate:>7.2f}x {alpha:>7.2f} {stats.mean_draft_tokens:>12.2f} "
+            f"{stats.mean_accepted_length:>12.2f} {'' if bound is None else f'{bound:.2f}x':>6}"
+        )
+    lines += ["", f"{'batch':>5} {'plain tokens/s':>15} {'speculative tokens/s':>21}   (K=4, adaptive)"]
+    for batch in args.batches:
+        prompts = [PROMPT] * batch
+        plain, _ = _median_rate(generate, progress, f"batch {batch} plain", args.repeats, prompts=prompts)
+        spec, _ = _median_rate(generate, progress, f"batch {batch} speculative", args.repeats,
+                               prompts=prompts, draft=draft)
+        lines.append(f"{batch:>5} {plain:>15.1f} {spec:>21.1f}")
+    return lines
