@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import specjax  # noqa: E402
 from common import RESULTS, forward_seconds, machine_record, speedup_bound, write_record  # noqa: E402
+from specjax.bench import fitted_acceptance  # noqa: E402
 from specjax.cli import shipped_models_dir  # noqa: E402
 
 PROMPT = "ROMEO:\n"
@@ -38,17 +39,6 @@ def paired_rates(target, draft, settings, repeats):
             plain_rates.append(plain.stats.tokens_per_second)
             spec_rates.append(spec.stats.tokens_per_second)
     return statistics.median(plain_rates), statistics.median(spec_rates), spec, plain
-
-
-def fitted_acceptance(tokens_per_call: float, num_draft: int) -> float:
-    """Per-token acceptance a whose expected tokens per step, (1 - a^(K+1)) / (1 - a),
-    equals the measured tokens per target call (bisection)."""
-    low, high = 0.0, 1.0
-    for _ in range(60):
-        middle = (low + high) / 2
-        expected = sum(middle**i for i in range(num_draft + 1))
-        low, high = (middle, high) if expected < tokens_per_call else (low, middle)
-    return (low + high) / 2
 
 
 def plot(rows, path: Path) -> None:

@@ -62,6 +62,17 @@ def speedup_bound(acceptance: float, num_draft: int, cost_ratio: float) -> float
     return expected_tokens / (num_draft * cost_ratio + 1)
 
 
+def fitted_acceptance(tokens_per_call: float, num_draft: int) -> float:
+    """Per-token acceptance a whose expected tokens per step, (1 - a^(K+1)) / (1 - a),
+    equals the measured tokens per target call (bisection)."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        expected = sum(middle**i for i in range(num_draft + 1))
+        low, high = (middle, high) if expected < tokens_per_call else (low, middle)
+    return (low + high) / 2
+
+
 class Progress:
     """A one-line progress bar on stderr; on a non-terminal, one line per finished item."""
 
@@ -80,15 +91,20 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def _median_rate(generate, progress, label, repeats, **settings):
-    """Median tokens/s over `repeats` calls after one that compiles; also the last result."""
-    rates, result = [], None
+def _paired_rates(generate, progress, label, repeats, prompts=PROMPT, **settings):
+    """Alternate plain and speculative calls, so that both see the same machine load.
+
+    Returns the median tokens/s of each over `repeats` rounds after one that compiles,
+    and the last speculative result."""
+    plain_rates, spec_rates, result = [], [], None
     for index in range(repeats + 1):
-        result = generate(**settings)
+        plain = generate(prompts, **{k: v for k, v in settings.items() if k != "draft"})
+        result = generate(prompts, **settings)
         if index:
-            rates.append(result.stats.tokens_per_second)
+            plain_rates.append(plain.stats.tokens_per_second)
+            spec_rates.append(result.stats.tokens_per_second)
         progress.advance(label)
-    return statistics.median(rates), result
+    return statistics.median(plain_rates), statistics.median(spec_rates), result
 
 
 def add_parser(commands) -> None:
@@ -115,39 +131,40 @@ def run(args: argparse.Namespace, target, draft) -> list[str]:
     """Measure and return the table's lines."""
     import specjax
 
-    def generate(prompts=PROMPT, **settings):
+    def generate(prompts, **settings):
         return specjax.generate(target, prompts, max_new_tokens=args.max_new_tokens, **settings)
 
-    steps = (len(args.ks) + 2 + 2 * len(args.batches)) * (args.repeats + 1)
-    progress = Progress(steps)
+    settings = [(f"K={k}", dict(num_draft_tokens=k, adaptive=False)) for k in args.ks]
+    settings.append((f"adaptive<={max(args.ks)}", dict(num_draft_tokens=max(args.ks))))
+    progress = Progress((len(settings) + len(args.batches)) * (args.repeats + 1))
     target_seconds, draft_seconds = forward_seconds(target), forward_seconds(draft)
     cost_ratio = draft_seconds / target_seconds
-    plain_rate, _ = _median_rate(generate, progress, "plain", args.repeats)
 
     lines = [
         f"one forward: target {target_seconds * 1e3:.2f} ms, draft {draft_seconds * 1e3:.2f} ms, "
         f"cost ratio c = {cost_ratio:.3f}",
-        f"plain greedy, batch 1: {plain_rate:.1f} tokens/s",
+        f"greedy, batch 1, {args.max_new_tokens} new tokens; plain and speculative calls alternate",
         "",
-        f"{'drafting':<12} {'tokens/s':>9} {'speedup':>8} {'accept':>7} {'drafts/call':>12} "
-        f"{'tokens/call':>12} {'bound':>6}",
+        f"{'drafting':<12} {'plain':>7} {'speculative':>12} {'speedup':>8} {'accept':>7} "
+        f"{'drafts/call':>12} {'tokens/call':>12} {'bound':>6}",
     ]
-    settings = [(f"K={k}", dict(num_draft_tokens=k, adaptive=False)) for k in args.ks]
-    settings.append((f"adaptive<={max(args.ks)}", dict(num_draft_tokens=max(args.ks))))
     for label, extra in settings:
-        rate, result = _median_rate(generate, progress, label, args.repeats, draft=draft, **extra)
+        plain_rate, rate, result = _paired_rates(generate, progress, label, args.repeats, draft=draft, **extra)
         stats = result.stats
-        alpha = stats.acceptance_rate or 0.0
-        bound = speedup_bound(alpha, extra["num_draft_tokens"], cost_ratio) if not extra.get("adaptive", True) else None
+        k = extra["num_draft_tokens"]
+        bound = ""
+        if not extra.get("adaptive", True):
+            bound = f"{speedup_bound(fitted_acceptance(stats.mean_accepted_length, k), k, cost_ratio):.2f}x"
         lines.append(
-            f"{label:<12} {rate:>9.1f} {rate / plain_rate:>7.2f}x {alpha:>7.2f} {stats.mean_draft_tokens:>12.2f} "
-            f"{stats.mean_accepted_length:>12.2f} {'' if bound is None else f'{bound:.2f}x':>6}"
+            f"{label:<12} {plain_rate:>7.1f} {rate:>12.1f} {rate / plain_rate:>7.2f}x "
+            f"{stats.acceptance_rate:>7.2f} {stats.mean_draft_tokens:>12.2f} "
+            f"{stats.mean_accepted_length:>12.2f} {bound:>6}"
         )
-    lines += ["", f"{'batch':>5} {'plain tokens/s':>15} {'speculative tokens/s':>21}   (K=4, adaptive)"]
+    lines += ["", "tokens/s of all rows together, adaptive drafting with K up to 4:",
+              f"{'batch':>5} {'plain':>9} {'speculative':>12}"]
     for batch in args.batches:
-        prompts = [PROMPT] * batch
-        plain, _ = _median_rate(generate, progress, f"batch {batch} plain", args.repeats, prompts=prompts)
-        spec, _ = _median_rate(generate, progress, f"batch {batch} speculative", args.repeats,
-                               prompts=prompts, draft=draft)
-        lines.append(f"{batch:>5} {plain:>15.1f} {spec:>21.1f}")
+        plain, spec, _ = _paired_rates(
+            generate, progress, f"batch {batch}", args.repeats, prompts=[PROMPT] * batch, draft=draft
+        )
+        lines.append(f"{batch:>5} {plain:>9.1f} {spec:>12.1f}")
     return lines

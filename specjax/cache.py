@@ -23,7 +23,9 @@ from specjax.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys and values, each (B, S, KV, H), and the valid slots per row, (B,) int32."""
+    """Per-layer keys and values, each (B, KV, S, H), and the valid slots per row, (B,) int32.
+
+    Heads come before slots, the layout attention's dots read without a transpose."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
@@ -34,24 +36,25 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[2]
 
 
 def init_cache(config: ModelConfig, batch: int, capacity: int, dtype) -> KVCache:
     """Allocate an empty cache of `capacity` slots per row."""
-    shape = (batch, capacity, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, capacity, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     values = tuple(jnp.zeros(shape, dtype) for _ in zeros)
     return KVCache(keys=zeros, values=values, lengths=jnp.zeros((batch,), jnp.int32))
 
 
 def write(layer_cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter `new` (B, T, KV, H) into `layer_cache` (B, S, KV, H) at slots `positions` (B, T).
+    """Scatter `new` (B, T, KV, H) into `layer_cache` (B, KV, S, H) at slots `positions` (B, T).
 
     Callers keep positions below the capacity; the engine sizes the cache so that they do.
     """
     rows = jnp.arange(new.shape[0])[:, None]  # (B, 1) broadcast against (B, T)
-    return layer_cache.at[rows, positions].set(new.astype(layer_cache.dtype), mode="drop")
+    # The index arrays around the slice put their (B, T) dimensions first, as in `new`.
+    return layer_cache.at[rows, :, positions].set(new.astype(layer_cache.dtype), mode="drop")
 
 
 def visible_mask(positions: jax.Array, capacity: int) -> jax.Array:

@@ -170,8 +170,9 @@ def _draft_step(spec: EngineSpec, target_params, draft_params, sampling, eos_ids
     fed_drafts = jnp.maximum(counts - 1, 0)
     draft_cache = draft_cache.with_lengths(lengths + jnp.minimum(num_accepted, fed_drafts))
     active = running.astype(jnp.int32)
+    tested = num_accepted + (num_accepted < counts).astype(jnp.int32)
     schedule = after_draft_step(
-        state.schedule, jnp.sum(active * num_accepted), jnp.sum(active * counts), controls.min_acceptance
+        state.schedule, jnp.sum(active * num_accepted), jnp.sum(active * tested), controls.min_acceptance
     )
     return _advance(state, key, block, num_accepted, counts, target_cache, draft_cache, schedule,
                     eos_ids, max_new_tokens)

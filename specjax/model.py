@@ -96,16 +96,16 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-        k_cache = write(k_cache, k, positions)  # (B, S, KV, H)
+        k_cache = write(k_cache, k, positions)  # (B, KV, S, H)
         v_cache = write(v_cache, v, positions)
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(B, T, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_cache).astype(jnp.float32)
+        scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_cache).astype(jnp.float32)
         scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
-        mask = visible_mask(positions, k_cache.shape[1])  # (B, T, S)
+        mask = visible_mask(positions, k_cache.shape[2])  # (B, T, S)
         scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
         weights = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", weights, v_cache)
+        out = jnp.einsum("BKGTS,BKSH->BTKGH", weights, v_cache)
         return self.o_proj(out.reshape(B, T, -1)), k_cache, v_cache
 
 

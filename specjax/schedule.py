@@ -2,8 +2,9 @@
 
 A useless draft makes speculative decoding slower than plain decoding, because every
 step pays for the draft's forwards and for scoring K + 1 tokens. The schedule keeps a
-running estimate `a` of the fraction of drafted tokens that the target accepts, over all
-running rows, and from it picks each step's budget:
+running estimate `a` of the probability that the target accepts a drafted token, over all
+running rows (accepted over tested drafts, with older steps' counts decayed), and from it
+picks each step's budget:
 
 - Draft `floor(a / (1 - a)) + 1` tokens, at most K. `a / (1 - a)` is the expected run
   of accepted drafts when each is accepted with probability `a`.
@@ -21,23 +22,28 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-SMOOTHING = 0.5  # weight of the newest step in the acceptance estimate
+DECAY = 0.9  # weight of the previous steps' counts in the estimate, per step
 FIRST_PAUSE = 4
 MAX_PAUSE = 64
 
 
 @struct.dataclass
 class Schedule:
-    acceptance: jax.Array  # () float32: running estimate of accepted / drafted
+    accepted: jax.Array  # () float32: accepted drafts, decayed by DECAY per drafting step
+    tested: jax.Array  # () float32: drafts that verification reached, decayed alike
     pause: jax.Array  # () int32: plain steps left before drafting again
     next_pause: jax.Array  # () int32: length of the next pause
     draft_steps: jax.Array  # () int32: steps that ran the draft
 
     @classmethod
     def start(cls) -> "Schedule":
-        # Start at one half: the first step drafts two tokens, and the estimate moves to
-        # the measured rate within a few steps either way.
-        return cls(jnp.float32(0.5), jnp.int32(0), jnp.int32(FIRST_PAUSE), jnp.int32(0))
+        # A prior of one accepted in two tested: the first step drafts two tokens, and a
+        # few steps outweigh the prior either way.
+        return cls(jnp.float32(1.0), jnp.float32(2.0), jnp.int32(0), jnp.int32(FIRST_PAUSE), jnp.int32(0))
+
+    @property
+    def acceptance(self) -> jax.Array:
+        return self.accepted / self.tested
 
 
 def budget(schedule: Schedule, num_draft: int) -> jax.Array:
@@ -51,16 +57,18 @@ def after_plain_step(schedule: Schedule) -> Schedule:
     return schedule.replace(pause=jnp.maximum(schedule.pause - 1, 0))
 
 
-def after_draft_step(schedule: Schedule, accepted, drafted, min_acceptance) -> Schedule:
-    """Fold one drafting step into the estimate; `accepted` and `drafted` are summed over
-    running rows. Pause when the estimate falls below `min_acceptance`."""
-    rate = accepted / jnp.maximum(drafted, 1)
-    acceptance = jnp.where(
-        drafted > 0, schedule.acceptance + SMOOTHING * (rate - schedule.acceptance), schedule.acceptance
+def after_draft_step(schedule: Schedule, accepted, tested, min_acceptance) -> Schedule:
+    """Fold one drafting step into the estimate. `accepted` counts accepted drafts and
+    `tested` the drafts that verification reached (the accepted ones plus one rejection
+    per row that had one), both summed over running rows. Drafts after a rejection are
+    never tested, so they tell nothing about the acceptance probability. Pause when the
+    estimate falls below `min_acceptance`."""
+    schedule = schedule.replace(
+        accepted=DECAY * schedule.accepted + accepted.astype(jnp.float32),
+        tested=DECAY * schedule.tested + tested.astype(jnp.float32),
     )
-    poor = acceptance < min_acceptance
-    return Schedule(
-        acceptance=acceptance.astype(jnp.float32),
+    poor = schedule.acceptance < min_acceptance
+    return schedule.replace(
         pause=jnp.where(poor, schedule.next_pause, 0),
         next_pause=jnp.where(poor, jnp.minimum(2 * schedule.next_pause, MAX_PAUSE), FIRST_PAUSE),
         draft_steps=schedule.draft_steps + 1,
