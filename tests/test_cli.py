@@ -1,4 +1,4 @@
-"""The `specjax generate` command on tiny model folders made by the test."""
+"""The `specjax generate` and `specjax bench` commands on tiny model folders made by the test."""
 
 import json
 import subprocess
@@ -81,6 +81,8 @@ def test_explicit_folders_match_defaults(shipped, capsys):
         (["--top-k", "-2"], "top_k=-2"),
         (["--max-new-tokens", "500"], "max_position_embeddings=128"),
         (["--target", "/nonexistent/model"], "/nonexistent/model not found"),
+        (["--min-acceptance", "2"], "min_acceptance=2.0"),
+        (["--confidence-threshold", "-0.1"], "confidence_threshold=-0.1"),
     ],
 )
 def test_bad_input_one_line_error(shipped, capsys, arguments, message):
@@ -105,3 +107,35 @@ def test_settings_checked_before_loading(monkeypatch, capsys):
     assert main(["generate", "ROMEO:", "--top-p", "0"]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["specjax: error: top_p=0.0 must be in (0, 1] (1 disables it)"]
+
+
+def test_fixed_k_drafts_k_every_call(shipped, capsys):
+    # The tiny draft is random, so adaptive drafting pauses it and fixed K does not.
+    assert main(["generate", "ROMEO:", "--json", "--max-new-tokens", "24", "--fixed-k"]) == 0
+    fixed = json.loads(capsys.readouterr().out)["stats"]
+    assert main(["generate", "ROMEO:", "--json", "--max-new-tokens", "24"]) == 0
+    adaptive = json.loads(capsys.readouterr().out)["stats"]
+    assert fixed["mean_draft_tokens"] == 4.0
+    assert fixed["draft_steps"] == fixed["target_calls"]
+    assert adaptive["draft_steps"] < adaptive["target_calls"]
+    assert adaptive["mean_draft_tokens"] < 4.0
+
+
+def test_bench_prints_table(shipped, capsys):
+    arguments = ["bench", "--max-new-tokens", "4", "--ks", "1", "2", "--batches", "1", "2", "--repeats", "1"]
+    assert main(arguments) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("one forward: target")
+    assert "cost ratio c = " in lines[0]
+    labels = [line.split()[0] for line in lines if line[:1] in ("K", "a")]
+    assert labels == ["K=1", "K=2", "adaptive<=2"]
+    batch_rows = [line.split() for line in lines if line.strip()[:1].isdigit()]
+    assert [row[0] for row in batch_rows] == ["1", "2"]
+    assert all(float(value) > 0 for row in batch_rows for value in row[1:])
+    assert "10/10" in captured.err
+
+
+def test_bench_rejects_bad_repeats(shipped, capsys):
+    assert main(["bench", "--repeats", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "specjax: error: --repeats=0 must be >= 1"
