@@ -22,16 +22,20 @@ def shipped_models_dir() -> Path:
 
 
 def enable_compile_cache() -> None:
-    """Keep compiled programs on disk, so a new process skips most of the compilation.
+    """Keep traced and compiled programs on disk, so a new process skips most of the work.
 
-    The cache lives in $XDG_CACHE_HOME/specjax/jax (default ~/.cache/specjax/jax);
-    SPECJAX_COMPILE_CACHE=0 turns it off.
+    The caches live in $XDG_CACHE_HOME/specjax (default ~/.cache/specjax): `jax` for JAX's
+    compilation cache, `programs` for `specjax.program_cache`. SPECJAX_COMPILE_CACHE=0
+    turns both off.
     """
     if os.environ.get("SPECJAX_COMPILE_CACHE", "1") == "0":
         return
     import jax
 
+    from specjax import program_cache
+
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    program_cache.enable(base / "specjax" / "programs")
     jax.config.update("jax_compilation_cache_dir", str(base / "specjax" / "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

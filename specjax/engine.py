@@ -200,11 +200,14 @@ def _advance(state: LoopState, key, block, num_accepted, counts, target_cache, d
 
 @functools.partial(jax.jit, static_argnames="spec")
 def run(spec: EngineSpec, target_params, draft_params, prompt, prompt_lengths, max_new_tokens,
-        sampling: SamplingParams | None, eos_ids, key, controls: DraftControls) -> LoopState:
+        sampling: SamplingParams | None, eos_ids, key_data, controls: DraftControls) -> LoopState:
     """Generate up to `max_new_tokens` per row for the right-padded prompt (B, P).
 
-    `prompt_lengths` (B,) gives each row's real length; `eos_ids` (E,) the stop tokens.
+    `prompt_lengths` (B,) gives each row's real length; `eos_ids` (E,) the stop tokens;
+    `key_data` the raw data of a PRNG key (`jax.random.key_data`), since exported
+    programs take plain arrays.
     """
+    key = jax.random.wrap_key_data(key_data)
     batch, width = prompt.shape
     tokens = jnp.zeros((batch, spec.capacity), jnp.int32).at[:, :width].set(prompt)
     dtype = jax.tree.leaves(target_params)[0].dtype

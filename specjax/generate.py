@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from specjax.inputs import (
 )
 from specjax.model import Model
 from specjax.sampling import SamplingParams
+from specjax import program_cache
 from specjax.xla import compile_program
 
 # Prompt widths and cache capacities are rounded up to these multiples so that nearby
@@ -141,7 +143,7 @@ def generate(
         jnp.int32(max_new_tokens),
         sampling,
         jnp.asarray(eos_ids(target, eos_token_id)),
-        jax.random.key(seed),
+        jax.random.key_data(jax.random.key(seed)),
         DraftControls.create(float(confidence_threshold), float(min_acceptance)),
     )
 
@@ -155,32 +157,60 @@ def generate(
         None if draft is None else _parameter_types(draft.params),
     )
     if cache_key not in _compiled:
-        _compiled[cache_key] = compile_program(run.lower(spec, *args))
+        _compiled[cache_key] = _compile(spec, sampling, args)
     compile_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    state = jax.block_until_ready(_compiled[cache_key](*args))
+    outputs = jax.block_until_ready(_compiled[cache_key](args))
     seconds = time.perf_counter() - started
-    return _result(target, rows, state, k, seconds, compile_seconds)
+    return _result(target, rows, outputs, k, seconds, compile_seconds)
 
 
-def _result(target: Model, rows, state, k: int, seconds: float, compile_seconds: float) -> GenerationResult:
-    tokens_buffer = np.asarray(state.tokens)
-    lengths = np.asarray(state.lengths)
-    finish = np.asarray(state.finish)
+def _outputs(spec: EngineSpec, *args) -> dict:
+    """Run the generation loop and keep the arrays that the result is built from."""
+    state = run(spec, *args)
+    return {
+        "tokens": state.tokens,
+        "lengths": state.lengths,
+        "finish": state.finish,
+        "steps": state.steps,
+        "row_steps": state.row_steps,
+        "drafted": state.drafted,
+        "accepted": state.accepted,
+        "draft_steps": state.schedule.draft_steps,
+    }
+
+
+def _compile(spec: EngineSpec, sampling, args) -> Callable:
+    """Compile the program for `args`, from the exported-program cache when it is on.
+
+    Returns a function of `args`."""
+    function = jax.jit(functools.partial(_outputs, spec))
+    static = (spec, None if sampling is None else sampling.filtered)
+    exported = program_cache.load_or_export(function, static, args)
+    if exported is None:
+        compiled = compile_program(function.lower(*args))
+        return lambda args: compiled(*args)
+    compiled = compile_program(exported.lower(*jax.tree.leaves(args)))
+    return lambda args: compiled(*jax.tree.leaves(args))
+
+
+def _result(target: Model, rows, outputs: dict, k: int, seconds: float, compile_seconds: float) -> GenerationResult:
+    state = {name: np.asarray(value) for name, value in outputs.items()}
+    tokens_buffer, lengths, finish = state["tokens"], state["lengths"], state["finish"]
     tokens = [tokens_buffer[i, len(row) : lengths[i]].tolist() for i, row in enumerate(rows)]
     generated = sum(len(t) for t in tokens)
-    drafted, accepted = int(np.sum(state.drafted)), int(np.sum(state.accepted))
+    drafted, accepted = int(np.sum(state["drafted"])), int(np.sum(state["accepted"]))
     stats = GenerationStats(
         acceptance_rate=accepted / drafted if drafted else None,
-        mean_accepted_length=generated / max(int(np.sum(state.row_steps)), 1),
-        target_calls=int(state.steps),
+        mean_accepted_length=generated / max(int(np.sum(state["row_steps"])), 1),
+        target_calls=int(state["steps"]),
         drafted_tokens=drafted,
         accepted_tokens=accepted,
         generated_tokens=generated,
         num_draft_tokens=k,
-        draft_steps=int(state.schedule.draft_steps),
-        mean_draft_tokens=drafted / max(int(np.sum(state.row_steps)), 1),
+        draft_steps=int(state["draft_steps"]),
+        mean_draft_tokens=drafted / max(int(np.sum(state["row_steps"])), 1),
         seconds=seconds,
         tokens_per_second=generated / seconds if seconds > 0 else 0.0,
         compile_seconds=compile_seconds,
