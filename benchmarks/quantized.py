@@ -63,16 +63,28 @@ def main() -> None:
         "int4": specjax.load(folder, dtype="float32", quantize="int4", group_size=128),
         # The embedding and norms stay in the load dtype, so compare memory at bfloat16.
         "int4, bfloat16 rest": specjax.load(folder, dtype="bfloat16", quantize="int4", group_size=128),
+        "int4 with embedding": specjax.load(
+            folder, dtype="float32", quantize="int4", group_size=128, quantize_embeddings=True
+        ),
+        "int4 with embedding, bfloat16 rest": specjax.load(
+            folder, dtype="bfloat16", quantize="int4", group_size=128, quantize_embeddings=True
+        ),
     }
     stream = corpus.encode_files(variants["float32"].tokenizer, [args.data / name for name in HELD_OUT])
     rows = {}
     for name, model in variants.items():
         rows[name] = {"weight_bytes": weight_bytes(model), "perplexity": perplexity(model, stream, args.windows),
                       "decode_tokens_per_second": decode_rate(model, args.max_new_tokens, args.repeats)}
-        print(f"{name:19s} weights {rows[name]['weight_bytes'] / 1e6:6.1f} MB, perplexity {rows[name]['perplexity']:7.2f}, "
+        print(f"{name:34s} weights {rows[name]['weight_bytes'] / 1e6:6.1f} MB, perplexity {rows[name]['perplexity']:7.2f}, "
               f"plain decode {rows[name]['decode_tokens_per_second']:6.1f} tokens/s", flush=True)
     ratios = {
         "int4_bytes_over_bfloat16": rows["int4, bfloat16 rest"]["weight_bytes"] / rows["bfloat16"]["weight_bytes"],
+        "int4_with_embedding_bytes_over_bfloat16": (
+            rows["int4 with embedding, bfloat16 rest"]["weight_bytes"] / rows["bfloat16"]["weight_bytes"]
+        ),
+        "int4_with_embedding_perplexity_over_float32": (
+            rows["int4 with embedding"]["perplexity"] / rows["float32"]["perplexity"]
+        ),
         "int4_perplexity_over_float32": rows["int4"]["perplexity"] / rows["float32"]["perplexity"],
         "int8_perplexity_over_float32": rows["int8"]["perplexity"] / rows["float32"]["perplexity"],
         "int4_speed_over_float32": rows["int4"]["decode_tokens_per_second"] / rows["float32"]["decode_tokens_per_second"],

@@ -153,7 +153,13 @@ def _eos_ids(folder: Path, config: ModelConfig) -> tuple[int, ...]:
     return config.eos_token_ids
 
 
-def load(path: str | os.PathLike, dtype=None, quantize: str | None = None, group_size: int | None = 128) -> Model:
+def load(
+    path: str | os.PathLike,
+    dtype=None,
+    quantize: str | None = None,
+    group_size: int | None = 128,
+    quantize_embeddings: bool = False,
+) -> Model:
     """Load a Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3) as a `Model`.
 
     `dtype` is the compute and parameter dtype: "float32", "float16", "bfloat16" or None
@@ -162,8 +168,9 @@ def load(path: str | os.PathLike, dtype=None, quantize: str | None = None, group
     `quantize="int4"` or `"int8"` quantizes the linear layers of a full-precision folder
     by rounding to nearest, with symmetric float32 scales per `group_size` input rows
     (32, 64 or 128, or None for one scale per output column). An untied lm_head is
-    quantized too; embeddings and norms stay in `dtype`. A folder whose config.json has
-    a GPTQ or AWQ `quantization_config` loads quantized as stored, with `quantize=None`.
+    quantized too; norms stay in `dtype`, and so does the token embedding unless
+    `quantize_embeddings` is True. A folder whose config.json has a GPTQ or AWQ
+    `quantization_config` loads quantized as stored, with `quantize=None`.
     """
     from specjax.quantized_checkpoint import quantization_scheme, quantize_linears
 
@@ -212,7 +219,14 @@ def load(path: str | os.PathLike, dtype=None, quantize: str | None = None, group
             )
         arrays.append((path, var.replace(jnp.asarray(array, dtype=dtype))))
     params = nnx.from_flat_state(arrays)
-    return Model(config, graphdef, params, _load_tokenizer(folder), _eos_ids(folder, config))
+    model = Model(config, graphdef, params, _load_tokenizer(folder), _eos_ids(folder, config))
+    if quantize_embeddings:
+        if bits is None:
+            raise ValueError("quantize_embeddings=True needs quantize='int4' or 'int8'")
+        from specjax.quantized_embedding import with_quantized_embedding
+
+        model = with_quantized_embedding(model, bits, group_size)
+    return model
 
 
 def save(model: Model, path: str | os.PathLike, dtype=None) -> None:

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default float32 on CPU)")
     gen.add_argument("--quantize", choices=["int4", "int8"],
                      help="quantize the linear layers of target and draft at load time by rounding to nearest")
+    gen.add_argument("--quantize-embeddings", action="store_true",
+                     help="with --quantize, quantize the token embeddings too (smaller, slightly less exact)")
     gen.add_argument("--group-size", type=_positive_int, default=128,
                      help="input rows per quantization scale with --quantize: 32, 64 or 128 (default 128)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text and statistics")
@@ -112,7 +114,8 @@ def run_generate(args: argparse.Namespace) -> int:
         draft_dir = models / "shakespeare-draft"
 
     print(f"loading {target_dir}" + (f" and {draft_dir}" if draft_dir else ""), file=sys.stderr, flush=True)
-    quantization = {"quantize": args.quantize, "group_size": args.group_size}
+    quantization = {"quantize": args.quantize, "group_size": args.group_size,
+                    "quantize_embeddings": args.quantize_embeddings}
     target = specjax.load(target_dir, dtype=args.dtype, **quantization)
     draft = specjax.load(draft_dir, dtype=args.dtype, **quantization) if draft_dir else None
     enable_compile_cache()

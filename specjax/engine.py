@@ -22,7 +22,7 @@ from flax import nnx, struct
 
 from specjax.cache import KVCache, init_cache
 from specjax.draft import catch_up, propose
-from specjax.model import forward
+from specjax.model import activation_dtype, forward
 from specjax.sampling import SamplingParams, processed_probs, sample
 from specjax.schedule import Schedule, after_draft_step, after_plain_step, budget
 from specjax.verify import verify_greedy, verify_sampled
@@ -210,12 +210,12 @@ def run(spec: EngineSpec, target_params, draft_params, prompt, prompt_lengths, m
     key = jax.random.wrap_key_data(key_data)
     batch, width = prompt.shape
     tokens = jnp.zeros((batch, spec.capacity), jnp.int32).at[:, :width].set(prompt)
-    dtype = jax.tree.leaves(target_params)[0].dtype
+    dtype = activation_dtype(target_params)
     target_cache = init_cache(spec.target_config, batch, spec.capacity, dtype)
     target_cache = _prefill(spec.target, target_params, target_cache, prompt, prompt_lengths)
     draft_cache = None
     if spec.draft is not None:
-        draft_dtype = jax.tree.leaves(draft_params)[0].dtype
+        draft_dtype = activation_dtype(draft_params)
         draft_cache = init_cache(spec.draft_config, batch, spec.capacity, draft_dtype)
         draft_cache = _prefill(spec.draft, draft_params, draft_cache, prompt, prompt_lengths)
 

@@ -174,6 +174,12 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens, positions, cache:
     return nnx.merge(graphdef, params)(tokens, positions, cache)
 
 
+def activation_dtype(params: nnx.State):
+    """Dtype of the activations and the KV cache: that of the final norm's weight, which
+    stays in float when the linear layers and the embedding are quantized."""
+    return params["norm"]["weight"][...].dtype
+
+
 def init_decoder(config: ModelConfig, *, seed: int = 0, dtype=jnp.float32):
     """Randomly initialized (graphdef, params) for `config`."""
     return nnx.split(Decoder(config, dtype=dtype, rngs=nnx.Rngs(seed)))
@@ -196,7 +202,7 @@ class Model:
 
     @property
     def dtype(self):
-        return self.params["embed_tokens"]["weight"][...].dtype
+        return activation_dtype(self.params)
 
     @classmethod
     def random(cls, config: ModelConfig, *, seed: int = 0, dtype=jnp.float32, tokenizer=None):

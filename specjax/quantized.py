@@ -165,13 +165,16 @@ def linear_name(path: tuple) -> str:
     return name if path[0] == "lm_head" else "model." + name
 
 
-def quantize_model(model: Model, quantize: str = "int4", group_size: int | None = 128) -> Model:
+def quantize_model(
+    model: Model, quantize: str = "int4", group_size: int | None = 128, embeddings: bool = False
+) -> Model:
     """Return a copy of `model` whose linear layers are quantized by rounding to nearest.
 
     The q/k/v/o projections, the MLP projections and an untied lm_head are quantized with
     symmetric scales, one per `group_size` input rows and output column (None for one
-    scale per column). Embeddings and norms stay in float, and a tied lm_head reuses the
-    float embedding. `model` itself is left unchanged.
+    scale per column). Norms stay in float. The token embedding is quantized the same way
+    when `embeddings` is True (a tied lm_head then uses it too) and stays in float
+    otherwise. `model` itself is left unchanged.
     """
     bits = parse_quantize(quantize, group_size)
     if bits is None:
@@ -183,7 +186,12 @@ def quantize_model(model: Model, quantize: str = "int4", group_size: int | None 
 
     replace_linears(module, lambda path, linear: quantize_linear(linear, bits, group_size))
     graphdef, params = nnx.split(module)
-    return dataclasses.replace(model, graphdef=graphdef, params=params)
+    quantized = dataclasses.replace(model, graphdef=graphdef, params=params)
+    if embeddings:
+        from specjax.quantized_embedding import with_quantized_embedding  # it imports this module
+
+        quantized = with_quantized_embedding(quantized, bits, group_size)
+    return quantized
 
 
 def has_quantized_layers(model: Model) -> bool:

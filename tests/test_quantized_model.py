@@ -238,3 +238,15 @@ def test_cli_quantize_rejects_unknown_kind(shipped, capsys):
         main(["generate", "ROMEO:", "--quantize", "int3"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_cli_quantize_embeddings_matches_plain(shipped, capsys):
+    arguments = ("--quantize", "int4", "--group-size", "32", "--quantize-embeddings")
+    speculative = run_json(capsys, *arguments)
+    plain = run_json(capsys, *arguments, "--no-draft")
+    assert speculative["tokens"] == plain["tokens"]
+
+
+def test_cli_quantize_embeddings_needs_quantize(shipped, capsys):
+    assert main(["generate", "ROMEO:", "--quantize-embeddings"]) == 2
+    assert "quantize_embeddings=True needs quantize='int4' or 'int8'" in capsys.readouterr().err
