@@ -167,4 +167,10 @@ def run(args: argparse.Namespace, target, draft) -> list[str]:
             generate, progress, f"batch {batch}", args.repeats, prompts=[PROMPT] * batch, draft=draft
         )
         lines.append(f"{batch:>5} {plain:>9.1f} {spec:>12.1f}")
+    lines += [
+        "",
+        "accept: accepted / drafted tokens. bound: (1 - a^(K+1)) / ((1 - a)(K c + 1)), with a the",
+        "per-token acceptance that gives the measured tokens/call, for fixed K only. Each figure is",
+        f"a median of {args.repeats} call(s) on a machine that may be busy; raise --repeats when rows disagree.",
+    ]
     return lines

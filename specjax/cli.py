@@ -65,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-acceptance", type=float, default=0.4,
                      help="pause drafting while the acceptance rate is below this (default 0.4; 0 never pauses)")
     gen.add_argument("--confidence-threshold", type=float, default=0.0,
-                     help="stop a step's drafts after a token the draft gives less probability (default 0: off)")
+                     help="stop a row's drafts after a token whose draft probability is below this "
+                          "(default 0: off)")
     gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables (default)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this mass; 1 disables")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="keep the smallest set of tokens with this mass; 1 disables (default)")
     gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default float32 on CPU)")
     gen.add_argument("--quantize", choices=["int4", "int8"],

@@ -15,6 +15,8 @@ from specjax.model import Model
 
 Prompt = Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]]]
 
+MAX_DRAFT_TOKENS = 32
+
 
 def tokenize(target: Model, prompt: Prompt) -> list[list[int]]:
     if isinstance(prompt, str):
@@ -73,8 +75,11 @@ def validate_settings(max_new_tokens, num_draft_tokens, temperature, top_k, top_
     """Raise ValueError, naming the value, for generation settings outside their ranges."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
-    if not _is_int(num_draft_tokens) or num_draft_tokens < 1:
-        raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 1")
+    if not _is_int(num_draft_tokens) or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
+        raise ValueError(
+            f"num_draft_tokens={num_draft_tokens!r} must be an integer from 1 to {MAX_DRAFT_TOKENS}; "
+            "every drafting step scores K + 1 tokens, so a K far above the accepted run only slows it"
+        )
     if not (_is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
     if not _is_int(top_k) or top_k < 0:

@@ -24,9 +24,9 @@ def tokenized_target():
     return Model.random(tiny_config(), seed=0, tokenizer=word_tokenizer())
 
 
-@pytest.mark.parametrize("value", [0, -1])
-def test_num_draft_tokens_below_one(target, draft, value):
-    with pytest.raises(ValueError, match=re.escape(f"num_draft_tokens={value}")):
+@pytest.mark.parametrize("value", [0, -1, 33, 1000])
+def test_num_draft_tokens_out_of_range(target, draft, value):
+    with pytest.raises(ValueError, match=re.escape(f"num_draft_tokens={value} must be an integer from 1 to 32")):
         generate(target, [1, 2, 3], draft=draft, num_draft_tokens=value)
 
 
