@@ -1,7 +1,4 @@
-"""Shared helpers for benchmark scripts: the machine record and JSON output.
-
-forward_seconds and speedup_bound live in specjax.bench, which `specjax bench` also uses.
-"""
+"""Shared helpers for benchmark scripts: the machine record and JSON output."""
 
 from __future__ import annotations
 
@@ -11,8 +8,6 @@ import os
 import platform
 import sys
 from pathlib import Path
-
-from specjax.bench import forward_seconds, speedup_bound  # noqa: F401 (re-exported)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

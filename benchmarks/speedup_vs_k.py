@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import specjax  # noqa: E402
-from common import RESULTS, forward_seconds, machine_record, speedup_bound, write_record  # noqa: E402
-from specjax.bench import fitted_acceptance  # noqa: E402
+from common import RESULTS, machine_record, write_record  # noqa: E402
+from specjax.bench import fitted_acceptance, forward_seconds, speedup_bound  # noqa: E402
 from specjax.cli import shipped_models_dir  # noqa: E402
 
 PROMPT = "ROMEO:\n"

@@ -68,7 +68,7 @@ def speculative_counts(
 ) -> tuple[np.ndarray, float | None]:
     """Counts of each outcome over SAMPLES rows, and the mean acceptance rate (None for plain).
 
-    Drafting is fixed at `num_draft` tokens per step unless `drafting` says otherwise."""
+    Drafting is fixed at `num_draft` tokens per step unless `drafting` overrides it."""
     counts = np.zeros(VOCAB**NEW_TOKENS)
     rates = []
     for seed in range(2):

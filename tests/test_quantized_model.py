@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from specjax import Model, ModelConfig, generate, load, save
 from specjax.cache import init_cache
@@ -179,33 +178,6 @@ def test_save_rejects_quantized_model(tmp_path):
     with pytest.raises(ValueError, match="has quantized layers"):
         save(model, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
-
-
-TEXT = "ROMEO: But soft, what light through yonder window breaks? It is the east. " * 20
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator([TEXT], trainer=trainer)
-    config = ModelConfig(
-        vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64, num_layers=1,
-        num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=128, eos_token_ids=(0,),
-    )
-    folder = tmp_path_factory.mktemp("models")
-    save(Model.random(config, seed=1, tokenizer=tokenizer), folder / "shakespeare-target")
-    save(Model.random(config, seed=2, tokenizer=tokenizer), folder / "shakespeare-draft")
-    return folder
-
-
-@pytest.fixture
-def shipped(models_dir, monkeypatch):
-    monkeypatch.setenv("SPECJAX_MODELS", str(models_dir))
-    monkeypatch.setenv("SPECJAX_COMPILE_CACHE", "0")
-    return models_dir
 
 
 def run_json(capsys, *arguments):
