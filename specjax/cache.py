@@ -5,10 +5,10 @@ capacity, K draft tokens, V vocabulary, D model width, N query heads, KV key/val
 H head dimension.
 
 Slot `s` of a row always holds the key and value of the token at position `s`. A forward
-writes each token at the slot equal to its position, and attention lets a query at
-position p see slots 0..p only. Slots past a row's current length therefore hold stale
-entries (rejected drafts, padding) that no query can see until a later forward overwrites
-them. `lengths` counts each row's valid slots, so rolling back rejected drafts is a change
+of tokens at positions p0, p0 + 1, ... attends to the cached slots before p0 and to its
+own tokens, then writes each token at the slot equal to its position. Slots past a row's
+current length therefore hold stale entries (rejected drafts, padding) that no query sees
+until a later forward overwrites them. `lengths` counts each row's valid slots, so rolling back rejected drafts is a change
 of lengths and never a copy.
 """
 
@@ -23,9 +23,11 @@ from specjax.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys and values, each (B, KV, S, H), and the valid slots per row, (B,) int32.
+    """Per-layer keys (B, KV, S, H) and values (B, KV, H, S), and the valid slots per row,
+    (B,) int32.
 
-    Heads come before slots, the layout attention's dots read without a transpose."""
+    Attention's two dots read these layouts without a transpose; with any other, XLA's CPU
+    backend copied every layer's cache into them in every forward."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
@@ -42,22 +44,37 @@ class KVCache:
 def init_cache(config: ModelConfig, batch: int, capacity: int, dtype) -> KVCache:
     """Allocate an empty cache of `capacity` slots per row."""
     shape = (batch, config.num_kv_heads, capacity, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    values = tuple(jnp.zeros(shape, dtype) for _ in zeros)
-    return KVCache(keys=zeros, values=values, lengths=jnp.zeros((batch,), jnp.int32))
+    keys = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    values = tuple(jnp.zeros(shape[:2] + shape[:1:-1], dtype) for _ in keys)
+    return KVCache(keys=keys, values=values, lengths=jnp.zeros((batch,), jnp.int32))
 
 
-def write(layer_cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter `new` (B, T, KV, H) into `layer_cache` (B, KV, S, H) at slots `positions` (B, T).
+def write(keys: jax.Array, values: jax.Array, new_keys: jax.Array, new_values: jax.Array,
+          positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Scatter new keys and values (B, T, KV, H) into one layer's cache at slots `positions` (B, T).
 
     Callers keep positions below the capacity; the engine sizes the cache so that they do.
     """
-    rows = jnp.arange(new.shape[0])[:, None]  # (B, 1) broadcast against (B, T)
-    # The index arrays around the slice put their (B, T) dimensions first, as in `new`.
-    return layer_cache.at[rows, :, positions].set(new.astype(layer_cache.dtype), mode="drop")
+    rows = jnp.arange(positions.shape[0])[:, None]  # (B, 1) broadcast against (B, T)
+    # The index arrays around the slices put their (B, T) dimensions first, as in the
+    # new entries.
+    keys = keys.at[rows, :, positions].set(new_keys.astype(keys.dtype), mode="drop")
+    values = values.at[rows, :, :, positions].set(new_values.astype(values.dtype), mode="drop")
+    return keys, values
 
 
-def visible_mask(positions: jax.Array, capacity: int) -> jax.Array:
-    """Return the boolean mask (B, T, S) that lets a query at position p attend to slots 0..p of its row."""
+def visible(positions: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """Return what each new token may attend to: cached slots (B, S) and new tokens (B, T, T).
+
+    A forward's positions (B, T) run consecutively from the row's cache length, and may
+    repeat the last one (`specjax.draft` pads rows that way). Cached slots before the
+    first new position hold earlier tokens. A new token attends to those and, once each,
+    to the distinct new positions up to its own.
+    """
     slots = jnp.arange(capacity)
-    return slots[None, None, :] <= positions[:, :, None]
+    cached = slots[None, :] < positions[:, :1]
+    first = jnp.concatenate(
+        [jnp.ones_like(positions[:, :1], bool), positions[:, 1:] != positions[:, :-1]], axis=1
+    )
+    new = (positions[:, None, :] <= positions[:, :, None]) & first[:, None, :]
+    return cached, new

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from specjax.cache import KVCache, visible_mask, write
+from specjax.cache import KVCache, visible, write
 from specjax.config import ModelConfig, llama3_inv_freq
 
 
@@ -73,6 +73,34 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+def attend(q, k, v, k_cache, v_cache, positions):
+    """Compute causal attention of new tokens over one layer's cache, then write them into it.
+
+    q (B, T, N, H), k and v (B, T, KV, H); positions (B, T) as `specjax.cache.visible`
+    expects. Returns the output (B, T, N * H) and the updated caches.
+    """
+    B, T, N, H = q.shape
+    kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
+    q = q.reshape(B, T, kv_heads, N // kv_heads, H)
+    # The cached slots and the new tokens are scored separately and the new entries are
+    # written last, so the forward only reads the cache before it updates it in place.
+    scores = jnp.concatenate(
+        [jnp.einsum("BTKGH,BKSH->BKGTS", q, k_cache), jnp.einsum("BTKGH,BUKH->BKGTU", q, k)], axis=-1
+    ).astype(jnp.float32) / jnp.sqrt(jnp.float32(H))
+    cached, new = visible(positions, slots)
+    mask = jnp.concatenate([jnp.broadcast_to(cached[:, None], (B, T, slots)), new], axis=-1)
+    weights = jax.nn.softmax(jnp.where(mask[:, None, None], scores, -jnp.inf), axis=-1)
+    weights = weights.astype(v_cache.dtype)
+    out = jnp.einsum("BKGTS,BKHS->BTKGH", weights[..., :slots], v_cache)
+    out = out + jnp.einsum("BKGTU,BUKH->BTKGH", weights[..., slots:], v.astype(v_cache.dtype))
+    # Inside a loop, XLA copies the whole cache unless its update is ordered after the
+    # reads above. A zero term computed from their result orders it, which an
+    # optimization barrier did not. `out` averages values, so the term is a finite zero.
+    after_reads = 0.0 * out[0, 0, 0, 0, 0]
+    k_cache, v_cache = write(k_cache, v_cache, k + after_reads, v + after_reads, positions)
+    return out.reshape(B, T, N * H), k_cache, v_cache
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
         d, h = config.hidden_size, config.head_dim
@@ -96,17 +124,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-        k_cache = write(k_cache, k, positions)  # (B, KV, S, H)
-        v_cache = write(v_cache, v, positions)
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(B, T, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_cache).astype(jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
-        mask = visible_mask(positions, k_cache.shape[2])  # (B, T, S)
-        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-        out = jnp.einsum("BKGTS,BKSH->BTKGH", weights, v_cache)
-        return self.o_proj(out.reshape(B, T, -1)), k_cache, v_cache
+        out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, positions)
+        return self.o_proj(out), k_cache, v_cache
 
 
 class MLP(nnx.Module):
