@@ -69,14 +69,7 @@ class QuantizedLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.input_permutation is not None:
             x = jnp.take(x, self.input_permutation[...], axis=-1)
-        impl = default_impl()
-        blocks = BlockSizes()
-        # NOTE: no test runs a decoder on the Pallas path that GPU and TPU pick here. The
-        # kernel has run only in interpret mode on the CPU, with these block sizes too.
-        if impl == "pallas":
-            blocks = pallas_block_sizes(self.in_features, self.out_features)
-            if blocks is None:
-                impl = "portable"
+        impl, blocks = layer_lowering(self.in_features, self.out_features, self.group_size)
         y = quant_matmul(x, self.weight, impl=impl, block_sizes=blocks)
         if self.bias is not None:
             y = y + self.bias[...]
@@ -105,6 +98,29 @@ def pallas_block_sizes(in_features: int, out_features: int) -> BlockSizes | None
     if block_n is None or block_k is None:
         return None
     return BlockSizes(block_n=block_n, block_k=block_k)
+
+
+def layer_lowering(in_features: int, out_features: int, group_size: int,
+                   backend: str | None = None) -> tuple[str, BlockSizes]:
+    """Pick the `quant_matmul` lowering and tiles for a quantized layer of a decoder.
+
+    GPU and TPU get the Pallas kernel where power-of-two tiles from 16 fit. Otherwise
+    the layer gets "portable_blocked", which dequantizes one K tile at a time inside
+    each forward, with the largest power-of-two tile from 8 to 128 that divides K and
+    fits the group size. Whole-matrix "portable" is the fallback when no such tile
+    exists. XLA hoists its dequantization out of a decode loop, because it does not
+    depend on the loop's state, and so keeps a float copy of every weight during generation.
+    """
+    # NOTE: no test runs a decoder on the Pallas path that GPU and TPU pick here. The
+    # kernel has run only in interpret mode on the CPU, with these block sizes too.
+    if default_impl(backend) == "pallas":
+        blocks = pallas_block_sizes(in_features, out_features)
+        if blocks is not None:
+            return "pallas", blocks
+    block_k = _power_of_two_tile(in_features, smallest=8)
+    if block_k is None or (block_k % group_size and group_size % block_k):
+        return "portable", BlockSizes()
+    return "portable_blocked", BlockSizes(block_n=out_features, block_k=block_k)
 
 
 def parse_quantize(quantize: str | None, group_size: int | None) -> int | None:

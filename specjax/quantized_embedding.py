@@ -17,7 +17,7 @@ from flax import nnx
 from specjax.kernels import QuantizedWeight, quant_matmul, quantize
 from specjax.kernels.formats import dequantize_tile
 from specjax.model import Embedding, Model
-from specjax.quantized import QuantizedParam, check_group_size
+from specjax.quantized import QuantizedParam, check_group_size, layer_lowering
 
 
 class QuantizedEmbedding(nnx.Module):
@@ -54,7 +54,8 @@ class QuantizedEmbedding(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Project onto the vocabulary with the table (tied output layer)."""
         batch_shape = x.shape[:-1]
-        logits = quant_matmul(x.reshape(-1, self.width), self.weight)
+        impl, blocks = layer_lowering(self.width, self.vocab_size, self.group_size)
+        logits = quant_matmul(x.reshape(-1, self.width), self.weight, impl=impl, block_sizes=blocks)
         return logits.reshape(batch_shape + (self.vocab_size,))
 
 
