@@ -1,10 +1,11 @@
 """Weight memory, decode speed and held-out perplexity of the shipped target in f32, int8, int4.
 
-    python benchmarks/quantized.py --data data/shakespeare [--max-new-tokens 64]
+    python benchmarks/quantized.py --data data/shakespeare [--max-new-tokens 256]
 
 --data is the folder of Shakespeare texts the pair was trained on; the perplexity uses
 the held-out files named in the target's model card. Weight bytes count every parameter
-array as stored on the device. Writes benchmarks/results/quantized.json.
+array as stored on the device; decode temporaries are the bytes XLA allocates beyond
+parameters and cache for a compiled loop of 1-token forwards. Writes benchmarks/results/quantized.json.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import specjax  # noqa: E402
 from common import machine_record, write_record  # noqa: E402
 from specjax import corpus  # noqa: E402
+from specjax.bench import decode_temporary_bytes  # noqa: E402
 from specjax.cli import shipped_models_dir  # noqa: E402
 from specjax.train import cross_entropy, model_logits  # noqa: E402
 
@@ -41,16 +43,23 @@ def perplexity(model, stream: np.ndarray, windows: int) -> float:
     return math.exp(float(np.mean([loss(model.params, jnp.asarray(w[None])) for w in batches])))
 
 
-def decode_rate(model, max_new_tokens: int, repeats: int) -> float:
-    runs = [specjax.generate(model, "ROMEO:\n", max_new_tokens=max_new_tokens, eos_token_id=[]) for _ in range(repeats + 1)]
-    return statistics.median(r.stats.tokens_per_second for r in runs[1:])
+def decode_rates(variants: dict, max_new_tokens: int, repeats: int) -> dict:
+    """Median plain-decode tokens/s per variant, from rounds that run every variant once,
+    so that all of them see the same machine load. The first round compiles."""
+    rates = {name: [] for name in variants}
+    for round_index in range(repeats + 1):
+        for name, model in variants.items():
+            result = specjax.generate(model, "ROMEO:\n", max_new_tokens=max_new_tokens, eos_token_id=[])
+            if round_index:
+                rates[name].append(result.stats.tokens_per_second)
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--models", type=Path, default=shipped_models_dir())
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--windows", type=int, default=32, help="held-out windows of 512 tokens")
     args = parser.parse_args()
@@ -71,11 +80,15 @@ def main() -> None:
         ),
     }
     stream = corpus.encode_files(variants["float32"].tokenizer, [args.data / name for name in HELD_OUT])
+    rates = decode_rates(variants, args.max_new_tokens, args.repeats)
     rows = {}
     for name, model in variants.items():
-        rows[name] = {"weight_bytes": weight_bytes(model), "perplexity": perplexity(model, stream, args.windows),
-                      "decode_tokens_per_second": decode_rate(model, args.max_new_tokens, args.repeats)}
-        print(f"{name:34s} weights {rows[name]['weight_bytes'] / 1e6:6.1f} MB, perplexity {rows[name]['perplexity']:7.2f}, "
+        rows[name] = {"weight_bytes": weight_bytes(model), "decode_temporary_bytes": decode_temporary_bytes(model),
+                      "perplexity": perplexity(model, stream, args.windows),
+                      "decode_tokens_per_second": rates[name]}
+        print(f"{name:34s} weights {rows[name]['weight_bytes'] / 1e6:6.1f} MB, "
+              f"decode temporaries {rows[name]['decode_temporary_bytes'] / 1e6:5.1f} MB, "
+              f"perplexity {rows[name]['perplexity']:7.2f}, "
               f"plain decode {rows[name]['decode_tokens_per_second']:6.1f} tokens/s", flush=True)
     ratios = {
         "int4_bytes_over_bfloat16": rows["int4, bfloat16 rest"]["weight_bytes"] / rows["bfloat16"]["weight_bytes"],

@@ -17,12 +17,10 @@ from pathlib import Path
 PROMPT = "ROMEO:\n"
 
 
-def forward_seconds(model, batch: int = 1, tokens: int = 1, context: int = 128, repeats: int = 20) -> float:
-    """Seconds per forward of `tokens` new tokens per row after `context` cached ones.
-
-    The forwards run in one compiled loop that carries the cache, as in generation, so
-    the figure excludes Python dispatch. Returns the median over five such loops.
-    """
+def _forward_loop(model, batch: int, tokens: int, context: int, repeats: int):
+    """Compile `repeats` forwards of `tokens` new tokens per row after `context` cached
+    ones, in one loop that carries the cache as generation does. Returns the compiled
+    loop and its arguments."""
     import jax
     import jax.numpy as jnp
 
@@ -41,14 +39,33 @@ def forward_seconds(model, batch: int = 1, tokens: int = 1, context: int = 128, 
     cache = init_cache(model.config, batch, context + tokens, model.dtype)
     ids = jnp.ones((batch, tokens), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(context, context + tokens, dtype=jnp.int32), (batch, tokens))
-    compiled = compile_program(jax.jit(loop).lower(model.params, ids, positions, cache))
-    jax.block_until_ready(compiled(model.params, ids, positions, cache))
+    args = (model.params, ids, positions, cache)
+    return compile_program(jax.jit(loop).lower(*args)), args
+
+
+def forward_seconds(model, batch: int = 1, tokens: int = 1, context: int = 128, repeats: int = 20) -> float:
+    """Seconds per forward of `tokens` new tokens per row after `context` cached ones.
+
+    The forwards run in one compiled loop that carries the cache, as in generation, so
+    the figure excludes Python dispatch. Returns the median over five such loops.
+    """
+    import jax
+
+    compiled, args = _forward_loop(model, batch, tokens, context, repeats)
+    jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(5):
         started = time.perf_counter()
-        jax.block_until_ready(compiled(model.params, ids, positions, cache))
+        jax.block_until_ready(compiled(*args))
         times.append((time.perf_counter() - started) / repeats)
     return statistics.median(times)
+
+
+def decode_temporary_bytes(model, context: int = 128) -> int:
+    """Bytes of temporaries that XLA allocates for a compiled loop of 1-token forwards:
+    the memory that decoding needs beyond the parameters and the cache."""
+    compiled, _ = _forward_loop(model, 1, 1, context, repeats=4)
+    return compiled.memory_analysis().temp_size_in_bytes
 
 
 def speedup_bound(acceptance: float, num_draft: int, cost_ratio: float) -> float:

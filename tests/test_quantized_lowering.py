@@ -1,17 +1,14 @@
 """Which quant_matmul lowering quantized layers use, and what it costs a decode loop in memory."""
 
 import jax
-import jax.numpy as jnp
 import pytest
 from flax import nnx
 
 import specjax.quantized as quantized
 from specjax import Model, ModelConfig
-from specjax.cache import init_cache
+from specjax.bench import decode_temporary_bytes
 from specjax.kernels import BlockSizes
-from specjax.model import forward
 from specjax.quantized import QuantizedLinear, layer_lowering, quantize_model
-from specjax.xla import compile_program
 
 
 def test_layer_lowering_cpu_blocked():
@@ -38,23 +35,6 @@ def test_layer_lowering_gpu_pallas():
     assert layer_lowering(1000, 300, 1000, backend="gpu")[0] == "portable_blocked"
 
 
-def _decode_loop_temporaries(model: Model) -> int:
-    """Return the temporary bytes XLA allocates for a compiled loop of 1-token forwards."""
-    cache = init_cache(model.config, 1, 64, jnp.float32)
-
-    def loop(params, cache):
-        def body(step, carry):
-            cache, total = carry
-            positions = jnp.full((1, 1), step, jnp.int32)
-            logits, cache = forward(model.graphdef, params, jnp.ones((1, 1), jnp.int32), positions, cache)
-            return cache, total + logits[0, 0, 0]
-
-        return jax.lax.fori_loop(0, 8, body, (cache, jnp.float32(0)))[1]
-
-    compiled = compile_program(jax.jit(loop).lower(model.params, cache))
-    return compiled.memory_analysis().temp_size_in_bytes
-
-
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU lowering")
 def test_decode_loop_keeps_no_float_weights(monkeypatch):
     config = ModelConfig(
@@ -66,9 +46,9 @@ def test_decode_loop_keeps_no_float_weights(monkeypatch):
     layers = [node for _, node in nnx.iter_graph(module) if isinstance(node, QuantizedLinear)]
     float_bytes = sum(4 * layer.in_features * layer.out_features for layer in layers)
 
-    assert _decode_loop_temporaries(model) < float_bytes / 4
+    assert decode_temporary_bytes(model) < float_bytes / 4
 
     # The check can fail: XLA hoists a whole-matrix dequantization out of the loop and
     # keeps every layer's float weight alive for the whole loop.
     monkeypatch.setattr(quantized, "layer_lowering", lambda *args, **kwargs: ("portable", BlockSizes()))
-    assert _decode_loop_temporaries(model) >= float_bytes
+    assert decode_temporary_bytes(model) >= float_bytes
