@@ -19,7 +19,7 @@ from specjax.sampling import SamplingParams, processed_probs, sample
 # Catch-up feeds a trailing window of this many tokens in every drafting step, and wider
 # chunks first only when the draft trails by more (after a pause in drafting).
 _WINDOW = 2
-_CHUNK = 16
+_CHUNK = 32
 
 
 def _pad_vocab(logits: jax.Array, vocab: int) -> jax.Array:

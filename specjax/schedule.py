@@ -24,7 +24,7 @@ from flax import struct
 
 DECAY = 0.9  # weight of the previous steps' counts in the estimate, per step
 FIRST_PAUSE = 4
-MAX_PAUSE = 64
+MAX_PAUSE = 128
 
 
 @struct.dataclass

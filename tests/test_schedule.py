@@ -40,7 +40,7 @@ def test_rejections_pause_with_doubling_lengths():
             schedule = after_plain_step(schedule)
         assert int(budget(schedule, K)) == 1
         schedule = _draft(schedule, accepted=0, tested=1)
-    assert pauses == [FIRST_PAUSE, 8, 16, 32, MAX_PAUSE, MAX_PAUSE, MAX_PAUSE]
+    assert pauses == [FIRST_PAUSE, 8, 16, 32, 64, MAX_PAUSE, MAX_PAUSE]
 
 
 def test_recovery_resets_the_pause_length():
