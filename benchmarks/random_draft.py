@@ -34,14 +34,23 @@ def main() -> None:
     shipped_draft = specjax.load(args.models / "shakespeare-draft")
     random_draft = specjax.Model.random(shipped_draft.config, seed=123, tokenizer=target.tokenizer)
     settings = dict(max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens)
-    rates = {"plain": [], "adaptive": [], "fixed": []}
+    runs = {
+        "plain": lambda: specjax.generate(target, "ROMEO:\n", **settings),
+        "adaptive": lambda: specjax.generate(target, "ROMEO:\n", draft=random_draft, **settings),
+        "fixed": lambda: specjax.generate(target, "ROMEO:\n", draft=random_draft, adaptive=False, **settings),
+    }
+    names = list(runs)
+    rates = {name: [] for name in names}
+    results = {}
     for round_index in range(args.repeats + 1):  # round 0 compiles
-        plain = specjax.generate(target, "ROMEO:\n", **settings)
-        adaptive = specjax.generate(target, "ROMEO:\n", draft=random_draft, **settings)
-        fixed = specjax.generate(target, "ROMEO:\n", draft=random_draft, adaptive=False, **settings)
-        if round_index:
-            for name, result in (("plain", plain), ("adaptive", adaptive), ("fixed", fixed)):
-                rates[name].append(result.stats.tokens_per_second)
+        # Which run follows which moved the ratio by several percent, so every round
+        # starts with the next contestant.
+        for offset in range(len(names)):
+            name = names[(round_index + offset) % len(names)]
+            results[name] = runs[name]()
+            if round_index:
+                rates[name].append(results[name].stats.tokens_per_second)
+    plain, adaptive, fixed = results["plain"], results["adaptive"], results["fixed"]
     median = {name: statistics.median(values) for name, values in rates.items()}
     for name in ("adaptive", "fixed"):
         print(f"random draft, {name} K: {median[name]:.1f} tok/s against plain {median['plain']:.1f} "
