@@ -8,8 +8,8 @@ Slot `s` of a row always holds the key and value of the token at position `s`. A
 of tokens at positions p0, p0 + 1, ... attends to the cached slots before p0 and to its
 own tokens, then writes each token at the slot equal to its position. Slots past a row's
 current length therefore hold stale entries (rejected drafts, padding) that no query sees
-until a later forward overwrites them. `lengths` counts each row's valid slots, so rolling back rejected drafts is a change
-of lengths and never a copy.
+until a later forward overwrites them. `lengths` counts each row's valid slots, so
+rolling back rejected drafts is a change of lengths and never a copy.
 """
 
 from __future__ import annotations
