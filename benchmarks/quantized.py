@@ -57,10 +57,11 @@ def decode_rates(variants: dict, max_new_tokens: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--models", type=Path, default=shipped_models_dir())
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data", type=Path, required=True, help="folder of the training texts")
+    parser.add_argument("--models", type=Path, default=shipped_models_dir(),
+                        help="folder with shakespeare-target/ (default: the shipped models)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per decode run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the compiling one")
     parser.add_argument("--windows", type=int, default=32, help="held-out windows of 512 tokens")
     args = parser.parse_args()
 

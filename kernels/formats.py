@@ -37,8 +37,8 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
 def codes_per_word(bits: int) -> int:
     """Return P, the number of `bits`-wide codes in one int32 word."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits!r} is not supported; use one of {SUPPORTED_BITS}")
     return 32 // bits
 
 
@@ -142,6 +142,8 @@ class QuantizedWeight:
 def validate_group_size(k: int, group_size: int, bits: int) -> None:
     """Raise ValueError unless `group_size` is 32, 64, 128 or K, divides K and fills whole words."""
     per_word = codes_per_word(bits)
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise ValueError(f"group_size={group_size!r} must be an int: one of {SUPPORTED_GROUP_SIZES}, or K={k}")
     if group_size != k and group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(
             f"group_size={group_size} is not supported; use one of {SUPPORTED_GROUP_SIZES}, "
@@ -150,7 +152,8 @@ def validate_group_size(k: int, group_size: int, bits: int) -> None:
     if k % group_size:
         raise ValueError(f"K={k} must be divisible by group_size={group_size}")
     if group_size % per_word:
-        raise ValueError(f"group_size={group_size} must be divisible by {per_word}, the codes per word")
+        what = f"K={k} (per-channel group)" if group_size == k else f"group_size={group_size}"
+        raise ValueError(f"{what} must be divisible by {per_word}, the {bits}-bit codes per int32 word")
 
 
 def quantize(
@@ -174,6 +177,8 @@ def quantize(
         raise ValueError(f"w must have shape (K, N), got shape {w.shape}")
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise ValueError(f"w must be a float array, got {w.dtype}")
+    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
+        raise ValueError("w contains NaN or infinite values; quantization needs finite weights")
     k, n = w.shape
     group_size = k if group_size is None else group_size
     validate_group_size(k, group_size, bits)

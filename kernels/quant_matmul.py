@@ -220,7 +220,13 @@ def quant_matmul(
     impl = default_impl() if impl is None else impl
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLEMENTATIONS}")
+    if not isinstance(weight, QuantizedWeight):
+        got = f"an array of shape {weight.shape}" if hasattr(weight, "shape") else type(weight).__name__
+        raise ValueError(f"weight must be a QuantizedWeight from quantize(), got {got}")
+    if not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
     weight.validate()
+    x = jnp.asarray(x)
     if x.ndim < 1 or x.shape[-1] != weight.in_features:
         raise ValueError(f"x must have shape (..., K) with K={weight.in_features}, got shape {x.shape}")
     if x.dtype not in _INPUT_DTYPES:

@@ -222,7 +222,10 @@ def load(
     model = Model(config, graphdef, params, _load_tokenizer(folder), _eos_ids(folder, config))
     if quantize_embeddings:
         if bits is None:
-            raise ValueError("quantize_embeddings=True needs quantize='int4' or 'int8'")
+            raise ValueError(
+            "quantize_embeddings=True needs quantize='int4' or 'int8' "
+            "(on the command line, --quantize-embeddings needs --quantize)"
+        )
         from specjax.quantized_embedding import with_quantized_embedding
 
         model = with_quantized_embedding(model, bits, group_size)

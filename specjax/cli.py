@@ -50,6 +50,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _group_size(text: str) -> int | str:
+    """Parse --group-size: 32, 64 or 128 rows per scale, or "channel" for one scale per column."""
+    from specjax.kernels.formats import SUPPORTED_GROUP_SIZES
+
+    if text == "channel":
+        return text
+    if text.isdigit() and int(text) in SUPPORTED_GROUP_SIZES:
+        return int(text)
+    allowed = ", ".join(str(size) for size in SUPPORTED_GROUP_SIZES)
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not supported; use {allowed}, or channel for one scale per output column"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specjax", description="Lossless speculative decoding in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="quantize the linear layers of target and draft at load time by rounding to nearest")
     gen.add_argument("--quantize-embeddings", action="store_true",
                      help="with --quantize, quantize the token embeddings too (smaller, slightly less exact)")
-    gen.add_argument("--group-size", type=_positive_int, default=128,
-                     help="input rows per quantization scale with --quantize: 32, 64 or 128 (default 128)")
+    gen.add_argument("--group-size", type=_group_size,
+                     help="input rows per quantization scale with --quantize: 32, 64, 128 (default), "
+                          "or channel for one scale per output column")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text and statistics")
     from specjax import bench
 
@@ -107,6 +122,10 @@ def run_generate(args: argparse.Namespace) -> int:
     models = shipped_models_dir()
     if args.draft is not None and args.no_draft:
         raise ValueError("--draft and --no-draft contradict each other; pass one of them")
+    if args.quantize is None and args.group_size is not None:
+        raise ValueError("--group-size needs --quantize int4 or int8")
+    if args.quantize is None and args.quantize_embeddings:
+        raise ValueError("--quantize-embeddings needs --quantize int4 or int8")
     # Check the settings before the slow model load, so a typo fails at once.
     validate_settings(args.max_new_tokens, args.num_draft_tokens, args.temperature, args.top_k, args.top_p)
     validate_draft_settings(not args.fixed_k, args.confidence_threshold, args.min_acceptance)
@@ -116,7 +135,8 @@ def run_generate(args: argparse.Namespace) -> int:
         draft_dir = models / "shakespeare-draft"
 
     print(f"loading {target_dir}" + (f" and {draft_dir}" if draft_dir else ""), file=sys.stderr, flush=True)
-    quantization = {"quantize": args.quantize, "group_size": args.group_size,
+    group_size = {None: 128, "channel": None}.get(args.group_size, args.group_size)
+    quantization = {"quantize": args.quantize, "group_size": group_size,
                     "quantize_embeddings": args.quantize_embeddings}
     target = specjax.load(target_dir, dtype=args.dtype, **quantization)
     draft = specjax.load(draft_dir, dtype=args.dtype, **quantization) if draft_dir else None

@@ -53,7 +53,8 @@ def quantization_scheme(folder: Path, bits: int | None, group_size: int | None) 
     method = settings.get("quant_method")
     if bits is not None:
         raise ValueError(
-            f"{folder} is already quantized (quant_method={method!r}); load it with quantize=None"
+            f"{folder} is already quantized (quant_method={method!r}); load it with "
+            "quantize=None (on the command line, without --quantize)"
         )
     if method == "gptq":
         return _gptq_scheme(settings, path)
@@ -141,6 +142,11 @@ def quantize_linears(module: nnx.Module, folder: Path, files: dict[str, Path], d
         return QuantizedLinear(awq_weight(parts, name, k, n, group_size=scheme.group_size), bias)
 
     replace_linears(module, build)
+    if scheme.method != "rtn" and not consumed:
+        raise CheckpointError(
+            f"{folder}: config.json declares {scheme.method} quantization, but no layer has a "
+            "qweight tensor; remove quantization_config from config.json for a float checkpoint"
+        )
     return consumed
 
 

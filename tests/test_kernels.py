@@ -172,6 +172,18 @@ def test_invalid_arguments_raise(kwargs, message):
         quant_matmul(x, weight, **kwargs)
 
 
+def test_quant_matmul_rejects_dense_weight():
+    x, weight = make_inputs(Case(3, 128, 64, 4, 32, True))
+    with pytest.raises(ValueError, match=r"weight must be a QuantizedWeight from quantize\(\), got an array"):
+        quant_matmul(x, dequantize(weight))
+
+
+def test_quant_matmul_rejects_tuple_block_sizes():
+    x, weight = make_inputs(Case(3, 128, 64, 4, 32, True))
+    with pytest.raises(ValueError, match="block_sizes must be a BlockSizes, got tuple"):
+        quant_matmul(x, weight, block_sizes=(16, 128, 128))
+
+
 def test_block_k_incompatible_with_group_raises():
     x, weight = make_inputs(Case(2, 384, 32, 4, 128, True))
     with pytest.raises(ValueError, match="block_k=48 and group_size=128 must divide one into the other"):

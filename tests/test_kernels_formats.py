@@ -159,13 +159,21 @@ def test_quantized_weight_passes_through_jit():
         ((128, 8), 3, 32, r"bits=3 is not supported; use one of \(4, 8\)"),
         ((128, 8), 4, 48, "group_size=48 is not supported"),
         ((128, 8), 4, 256, "group_size=256 is not supported"),
-        ((20, 8), 4, None, "group_size=20 must be divisible by 8"),
+        ((20, 8), 4, None, r"K=20 \(per-channel group\) must be divisible by 8, the 4-bit codes"),
+        ((128, 8), "4", 32, r"bits='4' is not supported"),
+        ((128, 8), 4, "32", r"group_size='32' must be an int"),
         ((128,), 4, 32, r"w must have shape \(K, N\), got shape \(128,\)"),
     ],
 )
 def test_quantize_invalid_arguments_raise(shape, bits, group_size, message):
     with pytest.raises(ValueError, match=message):
         quantize(jnp.ones(shape, jnp.float32), bits, group_size)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_quantize_non_finite_weight_raises(bad):
+    with pytest.raises(ValueError, match="w contains NaN or infinite values"):
+        quantize(jnp.ones((64, 8), jnp.float32).at[3, 2].set(bad), 4, 32)
 
 
 def test_quantize_integer_weight_raises():

@@ -193,8 +193,9 @@ def test_cli_quantize_speculative_matches_plain(shipped, capsys):
     assert speculative["stats"]["acceptance_rate"] is not None
 
 
-def test_cli_quantize_int8_runs(shipped, capsys):
-    record = run_json(capsys, "--quantize", "int8", "--group-size", "32")
+@pytest.mark.parametrize("group_size", ["32", "channel"])
+def test_cli_quantize_int8_runs(shipped, capsys, group_size):
+    record = run_json(capsys, "--quantize", "int8", "--group-size", group_size)
     assert record["finish_reason"] in ("stop", "length")
 
 
@@ -219,6 +220,26 @@ def test_cli_quantize_embeddings_matches_plain(shipped, capsys):
     assert speculative["tokens"] == plain["tokens"]
 
 
-def test_cli_quantize_embeddings_needs_quantize(shipped, capsys):
-    assert main(["generate", "ROMEO:", "--quantize-embeddings"]) == 2
-    assert "quantize_embeddings=True needs quantize='int4' or 'int8'" in capsys.readouterr().err
+@pytest.mark.parametrize("option", [["--quantize-embeddings"], ["--group-size", "64"]])
+def test_cli_quantize_option_needs_quantize(shipped, capsys, option):
+    assert main(["generate", "ROMEO:", *option]) == 2
+    assert f"{option[0]} needs --quantize int4 or int8" in capsys.readouterr().err
+
+
+def test_cli_group_size_rejects_unsupported(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "ROMEO:", "--quantize", "int4", "--group-size", "100"])
+    assert exit_info.value.code == 2
+    assert "'100' is not supported; use 32, 64, 128, or channel" in capsys.readouterr().err
+
+
+def test_gptq_config_without_gptq_tensors_raises(float_folder, tmp_path):
+    folder = tmp_path / "declared"
+    folder.mkdir()
+    for file in float_folder.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="declares gptq quantization, but no layer has a qweight tensor"):
+        load(folder)
