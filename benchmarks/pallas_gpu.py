@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -28,6 +26,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_record, write_record  # noqa: E402
+from specjax.bench import loop_seconds  # noqa: E402
 from specjax.kernels import quant_matmul, quantize  # noqa: E402
 from specjax.quantized import pallas_block_sizes  # noqa: E402
 
@@ -47,13 +46,7 @@ def seconds_per_product(product, x, weight, repeats: int) -> float:
         return jax.lax.fori_loop(0, repeats, body, (x, jnp.float32(0)))[1]
 
     compiled = jax.jit(loop).lower(x, weight).compile()
-    jax.block_until_ready(compiled(x, weight))
-    times = []
-    for _ in range(5):
-        started = time.perf_counter()
-        jax.block_until_ready(compiled(x, weight))
-        times.append((time.perf_counter() - started) / repeats)
-    return statistics.median(times)
+    return loop_seconds(compiled, (x, weight), repeats)
 
 
 def measure(size: int, batches: list[int], repeats: int, interpret: bool) -> list[dict]:

@@ -152,8 +152,8 @@ def validate_group_size(k: int, group_size: int, bits: int) -> None:
     if k % group_size:
         raise ValueError(f"K={k} must be divisible by group_size={group_size}")
     if group_size % per_word:
-        what = f"K={k} (per-channel group)" if group_size == k else f"group_size={group_size}"
-        raise ValueError(f"{what} must be divisible by {per_word}, the {bits}-bit codes per int32 word")
+        subject = f"K={k} (per-channel group)" if group_size == k else f"group_size={group_size}"
+        raise ValueError(f"{subject} must be divisible by {per_word}, the {bits}-bit codes per int32 word")
 
 
 def quantize(

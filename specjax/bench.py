@@ -44,14 +44,20 @@ def _forward_loop(model, batch: int, tokens: int, context: int, repeats: int):
 
 
 def forward_seconds(model, batch: int = 1, tokens: int = 1, context: int = 128, repeats: int = 20) -> float:
-    """Seconds per forward of `tokens` new tokens per row after `context` cached ones.
+    """Return the seconds per forward of `tokens` new tokens per row after `context` cached ones.
 
     The forwards run in one compiled loop that carries the cache, as in generation, so
     the figure excludes Python dispatch. Returns the median over five such loops.
     """
+    compiled, args = _forward_loop(model, batch, tokens, context, repeats)
+    return loop_seconds(compiled, args, repeats)
+
+
+def loop_seconds(compiled, args, repeats: int) -> float:
+    """Return the median seconds per iteration of `compiled(*args)`, a loop of `repeats`
+    iterations, over five calls after a warm-up call."""
     import jax
 
-    compiled, args = _forward_loop(model, batch, tokens, context, repeats)
     jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(5):
@@ -62,8 +68,8 @@ def forward_seconds(model, batch: int = 1, tokens: int = 1, context: int = 128, 
 
 
 def decode_temporary_bytes(model, context: int = 128) -> int:
-    """Bytes of temporaries that XLA allocates for a compiled loop of 1-token forwards:
-    the memory that decoding needs beyond the parameters and the cache."""
+    """Return the bytes of temporaries that XLA allocates for a compiled loop of 1-token
+    forwards: the memory that decoding needs beyond the parameters and the cache."""
     compiled, _ = _forward_loop(model, 1, 1, context, repeats=4)
     return compiled.memory_analysis().temp_size_in_bytes
 

@@ -65,7 +65,8 @@ def _cache_sized_copies(hlo: str, cache_elements: int) -> list[tuple[str, str]]:
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA's CPU buffer assignment")
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_decode_loop_cache_in_place(tokens):
-    """Copying each layer's cache in every forward once cost a fifth of a decode step."""
+    """Copying each layer's cache in every forward once cost about a quarter of a plain
+    decode step of the shipped target (0.7 of 2.9 ms)."""
     config = tiny_config(num_kv_heads=1, head_dim=16, max_position_embeddings=512)
     model = Model.random(config, seed=0)
     capacity = 256

@@ -1,4 +1,4 @@
-"""Which quant_matmul lowering quantized layers use, and what it costs a decode loop in memory."""
+"""Tests of the quant_matmul lowering that quantized layers use, and of its memory in a decode loop."""
 
 import jax
 import pytest
