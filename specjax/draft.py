@@ -14,7 +14,7 @@ from flax import nnx
 
 from specjax.cache import KVCache
 from specjax.model import forward
-from specjax.sampling import SamplingParams, processed_probs, sample
+from specjax.sampling import SamplingParams, greedy_tokens, processed_probs, sample, top_probability
 
 # Catch-up feeds a trailing window of this many tokens in every drafting step, and wider
 # chunks first only when the draft trails by more (after a pause in drafting).
@@ -35,9 +35,7 @@ def _choose(logits: jax.Array, sampling: SamplingParams | None, key: jax.Array):
     """Pick the draft token (B,) and return its probability (B,) and, when sampling, the
     distribution q (B, V) it came from. Under greedy the probability is the softmax's."""
     if sampling is None:
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        confidence = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
-        return token, confidence, None
+        return greedy_tokens(logits), top_probability(logits), None
     probs = processed_probs(logits, sampling)
     token = sample(key, probs)
     return token, jnp.take_along_axis(probs, token[:, None], axis=-1)[:, 0], probs

@@ -23,7 +23,7 @@ from flax import nnx, struct
 from specjax.cache import KVCache, init_cache
 from specjax.draft import catch_up, propose
 from specjax.model import activation_dtype, forward
-from specjax.sampling import SamplingParams, processed_probs, sample
+from specjax.sampling import SamplingParams, greedy_tokens, processed_probs, sample
 from specjax.schedule import Schedule, after_draft_step, after_plain_step, budget
 from specjax.verify import verify_greedy, verify_sampled
 
@@ -126,7 +126,7 @@ def _plain_step(spec: EngineSpec, target_params, sampling, eos_ids, max_new_toke
         spec.target, target_params, last[:, None], (lengths - 1)[:, None], state.target_cache
     )
     if spec.greedy:
-        next_token = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        next_token = greedy_tokens(logits[:, 0])
     else:
         next_token = sample(verify_key, processed_probs(logits[:, 0], sampling))
     zeros = jnp.zeros((batch,), jnp.int32)

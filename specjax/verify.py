@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from specjax.sampling import sample
+from specjax.sampling import greedy_tokens, sample
 
 
 def count_accepted(accepted: jax.Array) -> jax.Array:
@@ -33,7 +33,7 @@ def verify_greedy(
 
     target_logits (B, K+1, V) score the positions after [last token, drafts]; drafts (B, K).
     """
-    choices = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # (B, K+1)
+    choices = greedy_tokens(target_logits)  # (B, K+1)
     num_accepted = count_accepted((drafts == choices[:, :-1]) & _valid(drafts, counts))
     next_token = jnp.take_along_axis(choices, num_accepted[:, None], axis=1)[:, 0]
     return num_accepted, next_token

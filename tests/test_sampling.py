@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specjax.sampling import SamplingParams, processed_logits, processed_probs
+from specjax.sampling import SamplingParams, greedy_tokens, processed_logits, processed_probs, top_probability
 from specjax.verify import count_accepted, residual_probs, verify_greedy, verify_sampled
 
 LOGITS = jnp.log(jnp.asarray([[0.4, 0.3, 0.15, 0.1, 0.05]]))
@@ -58,6 +58,29 @@ def test_top_k_then_top_p_renormalizes():
     probs = np.asarray(processed_probs(LOGITS, params))[0]
     # After top-k the masses are 0.4/0.85, 0.3/0.85, 0.15/0.85; 0.47 < 0.7 <= 0.82.
     np.testing.assert_allclose(probs, [4 / 7, 3 / 7, 0, 0, 0], rtol=1e-5)
+
+
+def test_greedy_tokens_match_argmax_and_take_first_tie():
+    logits = jax.random.normal(jax.random.key(3), (2, 5, 4096))
+    logits = logits.at[1, 2, 7].set(9.0).at[1, 2, 4000].set(9.0)  # a tie: the lower id wins
+    expected = np.asarray(jnp.argmax(logits, axis=-1))
+    got = np.asarray(greedy_tokens(logits))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, expected)
+    assert got[1, 2] == 7
+
+
+def test_greedy_tokens_stay_in_vocabulary_for_nan_rows():
+    logits = jnp.full((1, 6), jnp.nan)
+    assert 0 <= int(greedy_tokens(logits)[0]) < 6
+
+
+def test_top_probability_is_largest_softmax_entry():
+    logits = jax.random.normal(jax.random.key(4), (3, 4096)) * 4
+    expected = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+    np.testing.assert_allclose(np.asarray(top_probability(logits)), np.asarray(expected), rtol=1e-5)
+    padded = jnp.concatenate([logits, jnp.full((3, 10), -jnp.inf)], axis=-1)  # draft vocabulary padding
+    np.testing.assert_allclose(np.asarray(top_probability(padded)), np.asarray(expected), rtol=1e-5)
 
 
 def test_count_accepted_stops_at_first_rejection():
