@@ -70,8 +70,8 @@ def processed_probs(logits: jax.Array, params: SamplingParams) -> jax.Array:
 
 
 def greedy_tokens(logits: jax.Array) -> jax.Array:
-    """The first index of the largest logit along the last axis, as int32; `jnp.argmax`
-    without NaN handling.
+    """Return the first index of the largest logit along the last axis, as int32. This is
+    `jnp.argmax` without its NaN handling.
 
     XLA's CPU backend runs argmax as one variadic reduction that it does not vectorize:
     over a 4096-token vocabulary it took 14 µs per row against 6 µs for a maximum followed
@@ -82,12 +82,12 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
     largest = jnp.max(logits, axis=-1, keepdims=True)
     index = jnp.arange(vocab, dtype=jnp.int32)
     first = jnp.min(jnp.where(logits == largest, index, vocab), axis=-1)
-    return jnp.minimum(first, vocab - 1)  # a row of NaN has no maximum; keep the id valid
+    return jnp.minimum(first, vocab - 1)  # A row of NaN has no maximum, so clamp the id into range.
 
 
 def top_probability(logits: jax.Array) -> jax.Array:
-    """The largest softmax probability along the last axis, 1 / sum(exp(logits - max)),
-    without building the whole distribution."""
+    """Return the largest softmax probability along the last axis, computed as
+    1 / sum(exp(logits - max)) without building the whole distribution."""
     logits = logits.astype(jnp.float32)
     largest = jnp.max(logits, axis=-1, keepdims=True)
     return 1.0 / jnp.sum(jnp.exp(logits - largest), axis=-1)
