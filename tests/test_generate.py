@@ -1,5 +1,6 @@
 """`generate` behaviour: acceptance with a perfect draft, EOS, length limits, seeds and stats."""
 
+import importlib
 import math
 
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 from generation_helpers import PROMPTS, assert_greedy_equal, noisy_copy, tiny_config
 from specjax import Model, generate
 from specjax.engine import capacity_for
+from specjax.xla import compile_program
 
 MAX_NEW_TOKENS = 24
 K = 4
@@ -252,3 +254,24 @@ def test_writes_stay_inside_capacity(target):
     for row, prompt_length in zip(result.tokens, prompt_lengths):
         assert prompt_length + len(row) <= capacity
     assert result.finish_reasons == ["length"] * len(PROMPTS)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+def test_only_sampling_programs_draw_random_bits(target, noisy_draft, temperature, monkeypatch):
+    """A threefry split left in every plain step of the adaptive greedy loop made those
+    steps measurably slower than the steps of the plain loop, so greedy programs carry
+    the key through untouched."""
+    generate_module = importlib.import_module("specjax.generate")
+    programs = []
+
+    def capture(lowered):
+        programs.append(compile_program(lowered))
+        return programs[-1]
+
+    monkeypatch.setattr(generate_module, "_compiled", {})
+    monkeypatch.setattr(generate_module, "compile_program", capture)
+    generate(target, [PROMPTS[0]], draft=noisy_draft, num_draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS,
+             temperature=temperature)
+    assert len(programs) == 1
+    has_threefry = "threefry" in programs[0].as_text()
+    assert has_threefry == (temperature > 0)
