@@ -16,10 +16,12 @@ from specjax.cache import KVCache
 from specjax.model import forward
 from specjax.sampling import SamplingParams, greedy_tokens, processed_probs, sample, top_probability
 
-# Catch-up feeds a trailing window of this many tokens in every drafting step, and wider
-# chunks first only when the draft trails by more (after a pause in drafting).
+# Catch-up feeds a trailing window of _WINDOW tokens in every drafting step. After a pause
+# it first feeds 32-token chunks while more than 16 tokens trail, then 8-token ones: on a
+# 2-core CPU an 8-token draft forward took 0.35 ms and a 32-token one 1.0 ms.
 _WINDOW = 2
 _CHUNK = 32
+_SHORT_CHUNK = 8
 
 
 def _pad_vocab(logits: jax.Array, vocab: int) -> jax.Array:
@@ -64,14 +66,19 @@ def catch_up(graphdef, params, cache: KVCache, tokens, committed, running, draft
     """
     last = committed - 1
 
-    def trailing(cache: KVCache):
-        return jnp.any(running & (cache.lengths < last - (_WINDOW - 1)))
+    def trails_by_more_than(gap: int):
+        # True while some running row has more than `gap` unseen tokens before the window.
+        return lambda cache: jnp.any(running & (last - (_WINDOW - 1) - cache.lengths > gap))
 
-    def chunk(cache: KVCache):
-        _, cache = _feed(graphdef, params, cache, tokens, cache.lengths, last, _CHUNK, draft_vocab)
-        return cache.with_lengths(jnp.minimum(cache.lengths + _CHUNK, last))
+    def chunk(width: int):
+        def feed(cache: KVCache):
+            _, cache = _feed(graphdef, params, cache, tokens, cache.lengths, last, width, draft_vocab)
+            return cache.with_lengths(jnp.minimum(cache.lengths + width, last))
 
-    cache = jax.lax.while_loop(trailing, chunk, cache)
+        return feed
+
+    cache = jax.lax.while_loop(trails_by_more_than(2 * _SHORT_CHUNK), chunk(_CHUNK), cache)
+    cache = jax.lax.while_loop(trails_by_more_than(0), chunk(_SHORT_CHUNK), cache)
     logits, cache = _feed(graphdef, params, cache, tokens, last - (_WINDOW - 1), last, _WINDOW, draft_vocab)
     return logits[:, -1], cache.with_lengths(committed)
 
