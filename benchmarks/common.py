@@ -12,6 +12,18 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def cpu_model() -> str:
+    """Return the CPU model name from /proc/cpuinfo, or the platform's description where
+    that file is missing (macOS, Windows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_record() -> dict:
     import flax
     import jax
@@ -21,6 +33,7 @@ def machine_record() -> dict:
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "jax": jax.__version__,
