@@ -148,15 +148,15 @@ def _plain_step(spec: EngineSpec, target_params, sampling, eos_ids, max_new_toke
 
 
 def _draft_step(spec: EngineSpec, target_params, draft_params, sampling, eos_ids, max_new_tokens,
-                controls: DraftControls, draft_budget, state: LoopState):
-    """Draft up to `draft_budget` tokens, score them with one target forward and verify."""
+                controls: DraftControls, draft_budget, k: int, state: LoopState):
+    """Draft up to `draft_budget` (at most k) tokens, score k + 1 positions with one target
+    forward and verify."""
     batch = state.tokens.shape[0]
     rows = jnp.arange(batch)
     lengths = state.lengths
     running = state.finish == RUNNING
     last = state.tokens[rows, lengths - 1]
     key, draft_key, verify_key = _step_keys(spec, state.key)
-    k = spec.num_draft_tokens
 
     first_logits, draft_cache = catch_up(
         spec.draft, draft_params, state.draft_cache, state.tokens, lengths, running,
@@ -246,14 +246,15 @@ def run(spec: EngineSpec, target_params, draft_params, prompt, prompt_lengths, m
     def plain(state: LoopState):
         return _plain_step(spec, target_params, sampling, eos_ids, max_new_tokens, state)
 
-    def drafting(state: LoopState, draft_budget):
+    def drafting(state: LoopState, draft_budget, k: int):
         return _draft_step(spec, target_params, draft_params, sampling, eos_ids, max_new_tokens,
-                           controls, draft_budget, state)
+                           controls, draft_budget, k, state)
 
     if spec.draft is None:
         return jax.lax.while_loop(unfinished, plain, state)
     if not spec.adaptive:
-        return jax.lax.while_loop(unfinished, lambda state: drafting(state, spec.num_draft_tokens), state)
+        k = spec.num_draft_tokens
+        return jax.lax.while_loop(unfinished, lambda state: drafting(state, k, k), state)
 
     # Adaptive: alternate a run of plain steps while drafting is paused with a run of
     # drafting steps until the schedule pauses. Nested loops rather than lax.cond per
@@ -261,11 +262,22 @@ def run(spec: EngineSpec, target_params, draft_params, prompt, prompt_lengths, m
     def paused(state: LoopState):
         return state.schedule.pause > 0
 
+    # Steps with a budget of one draft, as after every pause, score two positions instead
+    # of K + 1 in a loop of their own: a 2-token target forward costs less than a wide one.
+    def budget_of(state: LoopState):
+        return budget(state.schedule, spec.num_draft_tokens)
+
     def phases(state: LoopState):
         state = jax.lax.while_loop(lambda s: unfinished(s) & paused(s), plain, state)
+        if spec.num_draft_tokens > 1:
+            state = jax.lax.while_loop(
+                lambda s: unfinished(s) & ~paused(s) & (budget_of(s) == 1),
+                lambda s: drafting(s, 1, 1),
+                state,
+            )
         return jax.lax.while_loop(
-            lambda s: unfinished(s) & ~paused(s),
-            lambda s: drafting(s, budget(s.schedule, spec.num_draft_tokens)),
+            lambda s: unfinished(s) & ~paused(s) & (budget_of(s) > 1),
+            lambda s: drafting(s, budget_of(s), spec.num_draft_tokens),
             state,
         )
 

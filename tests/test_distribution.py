@@ -125,6 +125,28 @@ def test_adaptive_sampled_matches_target(pair, name):
     assert chi_squared_p_value(counts, expected) > 1e-3
 
 
+@pytest.fixture(scope="module")
+def far_draft(pair):
+    """Return a draft farther from the target than `pair`'s, accepted less than half the time."""
+    target, _ = pair
+    other = _peaked(Model.random(target.config, seed=12), 6.0)
+    mixed = jax.tree.map(lambda t, o: 0.5 * t + 0.5 * o, target.params, other.params)
+    return Model(target.config, other.graphdef, mixed)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_adaptive_one_draft_steps_match_target(pair, far_draft, name):
+    """Below an acceptance of one half the schedule drafts one token per step, and the
+    engine runs those steps in a loop that scores two positions instead of K + 1."""
+    target, _ = pair
+    settings = CASES[name]
+    expected = exact_distribution(target, settings)
+    counts, acceptance = speculative_counts(target, far_draft, settings, 3, adaptive=True, min_acceptance=0.0)
+    assert 0.05 < acceptance < 0.5
+    assert counts[expected == 0].sum() == 0
+    assert chi_squared_p_value(counts, expected) > 1e-3
+
+
 @pytest.fixture
 def fresh_programs():
     """Drop compiled programs so a patched function is traced anew, before and after."""
