@@ -269,14 +269,15 @@ def run(spec: EngineSpec, target_params, draft_params, prompt, prompt_lengths, m
 
     def phases(state: LoopState):
         state = jax.lax.while_loop(lambda s: unfinished(s) & paused(s), plain, state)
-        if spec.num_draft_tokens > 1:
-            state = jax.lax.while_loop(
-                lambda s: unfinished(s) & ~paused(s) & (budget_of(s) == 1),
-                lambda s: drafting(s, 1, 1),
-                state,
-            )
+        drafting_now = lambda s: unfinished(s) & ~paused(s)  # noqa: E731
+        if spec.num_draft_tokens == 1:
+            # Every budget is one, so a single loop takes all drafting steps.
+            return jax.lax.while_loop(drafting_now, lambda s: drafting(s, 1, 1), state)
+        state = jax.lax.while_loop(
+            lambda s: drafting_now(s) & (budget_of(s) == 1), lambda s: drafting(s, 1, 1), state
+        )
         return jax.lax.while_loop(
-            lambda s: unfinished(s) & ~paused(s) & (budget_of(s) > 1),
+            lambda s: drafting_now(s) & (budget_of(s) > 1),
             lambda s: drafting(s, budget_of(s), spec.num_draft_tokens),
             state,
         )
