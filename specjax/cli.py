@@ -186,12 +186,26 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# `generate` settings that the command line takes as --name-with-dashes.
+_OPTION_SETTINGS = ("max_new_tokens", "num_draft_tokens", "min_acceptance", "confidence_threshold",
+                    "temperature", "top_k", "top_p", "seed")
+
+
+def _in_option_terms(message: str) -> str:
+    """Return `message` with a leading `name=value` of a `generate` setting written as
+    the command-line option, `--name-with-dashes=value`."""
+    name, equals, rest = message.partition("=")
+    if equals and name in _OPTION_SETTINGS:
+        return f"--{name.replace('_', '-')}={rest}"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_bench(args) if args.command == "bench" else run_generate(args)
     except (ValueError, OSError) as error:  # CheckpointError and ConfigError are ValueErrors
-        print(f"specjax: error: {error}", file=sys.stderr)
+        print(f"specjax: error: {_in_option_terms(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("specjax: interrupted", file=sys.stderr)

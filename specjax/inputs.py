@@ -78,7 +78,7 @@ def validate_settings(max_new_tokens, num_draft_tokens, temperature, top_k, top_
     if not _is_int(num_draft_tokens) or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
         raise ValueError(
             f"num_draft_tokens={num_draft_tokens!r} must be an integer from 1 to {MAX_DRAFT_TOKENS}; "
-            "every drafting step scores K + 1 tokens, so a K far above the accepted run only slows it"
+            "drafting steps score K + 1 tokens, so a K far above the accepted run only slows them"
         )
     if not (_is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")

@@ -47,14 +47,14 @@ def test_explicit_folders_match_defaults(shipped, capsys):
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--top-p", "1.5"], "top_p=1.5"),
-        (["--temperature", "-1"], "temperature=-1.0"),
-        (["--num-draft-tokens", "0"], "num_draft_tokens=0"),
-        (["--top-k", "-2"], "top_k=-2"),
+        (["--top-p", "1.5"], "--top-p=1.5"),
+        (["--temperature", "-1"], "--temperature=-1.0"),
+        (["--num-draft-tokens", "0"], "--num-draft-tokens=0"),
+        (["--top-k", "-2"], "--top-k=-2"),
         (["--max-new-tokens", "500"], "max_position_embeddings=128"),
         (["--target", "/nonexistent/model"], "/nonexistent/model not found"),
-        (["--min-acceptance", "2"], "min_acceptance=2.0"),
-        (["--confidence-threshold", "-0.1"], "confidence_threshold=-0.1"),
+        (["--min-acceptance", "2"], "--min-acceptance=2.0"),
+        (["--confidence-threshold", "-0.1"], "--confidence-threshold=-0.1"),
     ],
 )
 def test_bad_input_one_line_error(shipped, capsys, arguments, message):
@@ -78,7 +78,7 @@ def test_settings_checked_before_loading(monkeypatch, capsys):
     monkeypatch.setenv("SPECJAX_MODELS", "/nonexistent/models")
     assert main(["generate", "ROMEO:", "--top-p", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == ["specjax: error: top_p=0.0 must be in (0, 1] (1 disables it)"]
+    assert err.strip().splitlines() == ["specjax: error: --top-p=0.0 must be in (0, 1] (1 disables it)"]
 
 
 def test_fixed_k_drafts_k_every_call(shipped, capsys):
