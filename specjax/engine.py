@@ -267,9 +267,11 @@ def run(spec: EngineSpec, target_params, draft_params, prompt, prompt_lengths, m
     def budget_of(state: LoopState):
         return budget(state.schedule, spec.num_draft_tokens)
 
+    def drafting_now(state: LoopState):
+        return unfinished(state) & ~paused(state)
+
     def phases(state: LoopState):
         state = jax.lax.while_loop(lambda s: unfinished(s) & paused(s), plain, state)
-        drafting_now = lambda s: unfinished(s) & ~paused(s)  # noqa: E731
         if spec.num_draft_tokens == 1:
             # Every budget is one, so a single loop takes all drafting steps.
             return jax.lax.while_loop(drafting_now, lambda s: drafting(s, 1, 1), state)
