@@ -119,9 +119,8 @@ class DraftControls:
 def _step_keys(spec: EngineSpec, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Split the loop's key into the next step's key, a drafting key and a verifying key.
 
-    Greedy steps use no randomness, so they pass the key through unsplit. XLA had left a
-    threefry split in every plain step of the adaptive loop, about 15 small operations
-    that made plain steps there slower than in the plain loop.
+    Greedy steps draw no random bits, so they pass the key through unsplit. XLA did not
+    remove an unused split from the plain steps of the adaptive loop, where it slowed them.
     """
     if spec.greedy:
         return key, key, key
@@ -262,8 +261,8 @@ def run(spec: EngineSpec, target_params, draft_params, prompt, prompt_lengths, m
     def paused(state: LoopState):
         return state.schedule.pause > 0
 
-    # Steps with a budget of one draft, as after every pause, score two positions instead
-    # of K + 1 in a loop of their own: a 2-token target forward costs less than a wide one.
+    # Steps with a budget of one draft (an acceptance estimate below one half) run in a loop
+    # of their own that scores two positions, because a 2-token target forward costs less.
     def budget_of(state: LoopState):
         return budget(state.schedule, spec.num_draft_tokens)
 

@@ -73,9 +73,8 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
     """Return the first index of the largest logit along the last axis, as int32. This is
     `jnp.argmax` without its NaN handling.
 
-    XLA's CPU backend runs argmax as one variadic reduction that it does not vectorize:
-    over a 4096-token vocabulary it took 14 µs per row against 6 µs for a maximum followed
-    by a minimum over the indices that reach it. Plain, drafting and verifying steps
+    XLA's CPU backend does not vectorize argmax. Over a 4096-token vocabulary it took 14 µs
+    per row against 6 µs for a maximum followed by a minimum over the indices that reach it. Plain, drafting and verifying steps
     each pick tokens this way, so the difference counts in every step.
     """
     vocab = logits.shape[-1]

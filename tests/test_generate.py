@@ -278,8 +278,8 @@ def test_only_sampling_programs_draw_random_bits(target, noisy_draft, temperatur
 
 
 def test_adaptive_single_draft_token_finishes(target, noisy_draft, plain_batch):
-    """With K = 1 every budget is one token, which the one-draft loop and the wide loop
-    must not both leave to the other."""
+    """With K = 1 every budget is one token. Generation once hung because neither
+    drafting loop took such steps."""
     result = generate(target, [PROMPTS[0]], draft=noisy_draft, num_draft_tokens=1, max_new_tokens=MAX_NEW_TOKENS)
     assert_greedy_equal(target, PROMPTS[0], result.tokens[0], plain_batch.tokens[0])
     assert result.stats.draft_steps > 0

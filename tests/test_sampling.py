@@ -60,9 +60,9 @@ def test_top_k_then_top_p_renormalizes():
     np.testing.assert_allclose(probs, [4 / 7, 3 / 7, 0, 0, 0], rtol=1e-5)
 
 
-def test_greedy_tokens_match_argmax_and_take_first_tie():
+def test_greedy_tokens_match_argmax():
     logits = jax.random.normal(jax.random.key(3), (2, 5, 4096))
-    logits = logits.at[1, 2, 7].set(9.0).at[1, 2, 4000].set(9.0)  # a tie: the lower id wins
+    logits = logits.at[1, 2, 7].set(9.0).at[1, 2, 4000].set(9.0)  # In a tie the lower id wins.
     expected = np.asarray(jnp.argmax(logits, axis=-1))
     got = np.asarray(greedy_tokens(logits))
     assert got.dtype == np.int32
@@ -70,16 +70,17 @@ def test_greedy_tokens_match_argmax_and_take_first_tie():
     assert got[1, 2] == 7
 
 
-def test_greedy_tokens_stay_in_vocabulary_for_nan_rows():
+def test_greedy_tokens_nan_row_in_range():
     logits = jnp.full((1, 6), jnp.nan)
     assert 0 <= int(greedy_tokens(logits)[0]) < 6
 
 
-def test_top_probability_is_largest_softmax_entry():
+def test_top_probability_equals_softmax_max():
     logits = jax.random.normal(jax.random.key(4), (3, 4096)) * 4
     expected = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
     np.testing.assert_allclose(np.asarray(top_probability(logits)), np.asarray(expected), rtol=1e-5)
-    padded = jnp.concatenate([logits, jnp.full((3, 10), -jnp.inf)], axis=-1)  # draft vocabulary padding
+    # Pad with -inf as for a draft whose vocabulary is smaller than the target's.
+    padded = jnp.concatenate([logits, jnp.full((3, 10), -jnp.inf)], axis=-1)
     np.testing.assert_allclose(np.asarray(top_probability(padded)), np.asarray(expected), rtol=1e-5)
 
 
