@@ -40,7 +40,7 @@ def _forward_loop(model, batch: int, tokens: int, context: int, repeats: int):
     ids = jnp.ones((batch, tokens), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(context, context + tokens, dtype=jnp.int32), (batch, tokens))
     args = (model.params, ids, positions, cache)
-    return compile_program(jax.jit(loop).lower(*args)), args
+    return compile_program(jax.jit(loop).lower(*args), batch), args
 
 
 def forward_seconds(model, batch: int = 1, tokens: int = 1, context: int = 128, repeats: int = 20) -> float:

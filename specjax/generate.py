@@ -186,12 +186,13 @@ def _compile(spec: EngineSpec, sampling, args) -> Callable:
 
     Returns a function of `args`."""
     function = jax.jit(functools.partial(_outputs, spec))
+    batch = args[2].shape[0]
     static = (spec, None if sampling is None else sampling.filtered)
     exported = program_cache.load_or_export(function, static, args)
     if exported is None:
-        compiled = compile_program(function.lower(*args))
+        compiled = compile_program(function.lower(*args), batch)
         return lambda args: compiled(*args)
-    compiled = compile_program(exported.lower(*jax.tree.leaves(args)))
+    compiled = compile_program(exported.lower(*jax.tree.leaves(args)), batch)
     return lambda args: compiled(*jax.tree.leaves(args))
 
 
