@@ -1,12 +1,15 @@
 """specjax against transformers on the same shipped weights, greedy, same prompts and threads.
 
-    python benchmarks/vs_transformers.py [--max-new-tokens 128] [--threads 2]
+    python benchmarks/vs_transformers.py [--max-new-tokens 64 256] [--threads 2]
 
 Four contestants: transformers plain `generate`, transformers assisted generation
 (`assistant_model=` the shipped draft), specjax plain and specjax speculative (K=4). All
 use float32 weights loaded from the same folders. torch gets --threads threads (default:
-all cores); XLA's CPU client always uses all cores, so keep the default for a fair run. Also checks that specjax's greedy tokens equal transformers' greedy tokens and
-reports the first mismatch. Writes benchmarks/results/vs_transformers.json.
+all cores); XLA's CPU client always uses all cores, so keep the default for a fair run.
+Each length in --max-new-tokens is a separate run: a short one weighs the fixed cost of
+a call (prompt forwards, transfers) more. Also checks that specjax's greedy tokens equal
+transformers' greedy tokens and reports the first mismatch. Writes
+benchmarks/results/vs_transformers.json.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ PROMPTS = ["ROMEO:\n", "KING HENRY.\nNow, lords, ", "First Citizen:\nBefore we p
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[64, 256],
+                        help="one run per length")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", type=Path)
@@ -45,9 +49,8 @@ def main() -> None:
     hf_draft = transformers.LlamaForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
     target = specjax.load(target_dir, dtype="float32")
     draft = specjax.load(draft_dir, dtype="float32")
-    n = args.max_new_tokens
 
-    def hf_generate(ids, assistant):
+    def hf_generate(ids, assistant, n):
         with torch.no_grad():
             started = time.perf_counter()
             out = hf_target.generate(
@@ -58,18 +61,27 @@ def main() -> None:
         return out[0, len(ids):].tolist(), seconds
 
     contestants = {
-        "transformers plain": lambda ids: hf_generate(ids, None),
-        "transformers assisted": lambda ids: hf_generate(ids, hf_draft),
-        "specjax plain": lambda ids: _specjax(specjax, target, None, ids, n),
-        "specjax speculative K=4": lambda ids: _specjax(specjax, target, draft, ids, n),
+        "transformers plain": lambda ids, n: hf_generate(ids, None, n),
+        "transformers assisted": lambda ids, n: hf_generate(ids, hf_draft, n),
+        "specjax plain": lambda ids, n: _specjax(specjax, target, None, ids, n),
+        "specjax speculative K=4": lambda ids, n: _specjax(specjax, target, draft, ids, n),
     }
+    runs = [_compare(contestants, target.tokenizer, n, args.repeats) for n in args.max_new_tokens]
+    record = {**machine_record(), "threads": args.threads, "transformers": transformers.__version__,
+              "torch": torch.__version__, "runs": runs,
+              "speculative_over_assisted": {run["max_new_tokens"]: run["speculative_over_assisted"] for run in runs}}
+    print(f"wrote {write_record('vs_transformers', record)}")
+
+
+def _compare(contestants: dict, tokenizer, n: int, repeats: int) -> dict:
+    """Time every contestant on every prompt for `n` new tokens and compare their tokens."""
     rows = []
     for prompt in PROMPTS:
-        ids = target.tokenizer.encode(prompt).ids
+        ids = tokenizer.encode(prompt).ids
         rates, tokens = {name: [] for name in contestants}, {}
-        for round_index in range(args.repeats + 1):  # round 0 warms up and compiles
+        for round_index in range(repeats + 1):  # round 0 warms up and compiles
             for name, run in contestants.items():
-                out, seconds = run(ids)
+                out, seconds = run(ids, n)
                 tokens[name] = out
                 if round_index:
                     rates[name].append(len(out) / seconds)
@@ -80,16 +92,14 @@ def main() -> None:
             if first is not None or len(out) != len(reference):
                 row["mismatches"][name] = first if first is not None else min(len(out), len(reference))
         rows.append(row)
-        print(f"{prompt[:20]!r}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in row["tokens_per_second"].items()), flush=True)
+        print(f"{n} tokens, {prompt[:20]!r}: "
+              + ", ".join(f"{k} {v:.1f} tok/s" for k, v in row["tokens_per_second"].items()), flush=True)
         print(f"  greedy mismatches against transformers plain (first position): {row['mismatches'] or 'none'}", flush=True)
 
     summary = {name: statistics.median(r["tokens_per_second"][name] for r in rows) for name in contestants}
     ratio = summary["specjax speculative K=4"] / summary["transformers assisted"]
-    print(f"specjax speculative / transformers assisted: x{ratio:.2f}")
-    record = {**machine_record(), "threads": args.threads, "transformers": transformers.__version__,
-              "torch": torch.__version__, "max_new_tokens": n, "rows": rows, "median_tokens_per_second": summary,
-              "speculative_over_assisted": ratio}
-    print(f"wrote {write_record('vs_transformers', record)}")
+    print(f"{n} tokens: specjax speculative / transformers assisted: x{ratio:.2f}", flush=True)
+    return {"max_new_tokens": n, "rows": rows, "median_tokens_per_second": summary, "speculative_over_assisted": ratio}
 
 
 def _specjax(specjax, target, draft, ids, n):
