@@ -29,9 +29,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[64, 256],
                         help="one run per length")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", type=Path)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up round")
+    parser.add_argument("--models", type=Path,
+                        help="folder with shakespeare-target/ and shakespeare-draft/ (default: the shipped pair)")
     args = parser.parse_args()
 
     import torch

@@ -53,27 +53,82 @@ def target_text(target: Model, train: np.ndarray, cache: Path, temperature: floa
     return stream
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="the corpus folder the pair was trained on")
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the command line. Exits with a usage message on invalid values."""
+    parser = argparse.ArgumentParser(prog="python -m specjax.refine_draft", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True,
+                        help="the corpus folder the pair was trained on (at least 20 .txt files)")
     parser.add_argument("--models", type=Path, required=True, help="folder with shakespeare-target/ and shakespeare-draft/")
     parser.add_argument("--run", type=Path, required=True, help="folder for checkpoints and token caches")
     parser.add_argument("--export", type=Path, help="write the refined shakespeare-draft/ here")
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
-    parser.add_argument("--rows", type=int, default=256, help="target continuations per temperature")
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--eval-windows", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per training sequence")
+    parser.add_argument("--steps", type=int, default=800, help="training steps in all, counting resumed ones (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (default: %(default)s)")
+    parser.add_argument("--rows", type=int, default=256, help="target continuations per temperature (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--eval-windows", type=int, default=16, help="held-out windows per evaluation (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per training sequence (default: %(default)s)")
     args = parser.parse_args(argv)
+    for name in ("steps", "batch", "rows", "eval_windows"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
+    if args.seq_len <= PROMPT_TOKENS:
+        parser.error(f"--seq-len={args.seq_len} must exceed the {PROMPT_TOKENS}-token prompts")
+    if not args.lr > 0:
+        parser.error(f"--lr={args.lr} must be positive")
+    return args
 
+
+def check_run_settings(run: Path, settings: dict) -> None:
+    """Record `settings` in `run`, or raise ValueError when the folder was started with
+    others, because its token caches and checkpoints would not match them."""
+    path = run / "refine_settings.json"
+    if path.is_file():
+        started = json.loads(path.read_text())
+        changed = sorted(key for key in settings if started.get(key) != settings[key])
+        if changed:
+            raise ValueError(
+                f"--run {run} was started with other settings ({', '.join(changed)}); "
+                "pass the same ones or a new --run folder"
+            )
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        refine(args, argv)
+    except ValueError as error:  # also CheckpointError, from loading the models
+        print(f"refine_draft: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def refine(args: argparse.Namespace, argv=None) -> None:
+    """Run the refinement stage that `args` describe."""
+    try:
+        files = corpus.text_files(args.data)
+        corpus.split_files(files)
+    except ValueError as error:
+        raise ValueError(f"--data {args.data}: {error}") from None
+    if not (args.models / "shakespeare-draft").is_dir():
+        raise ValueError(f"--models {args.models} has no shakespeare-draft/ folder; pass the folder that "
+                         "contains shakespeare-target/ and shakespeare-draft/")
     target = load(args.models / "shakespeare-target", dtype="float32")
     start = load(args.models / "shakespeare-draft", dtype="float32")
-    args.run.mkdir(parents=True, exist_ok=True)
+    if args.seq_len > target.config.max_position_embeddings:
+        raise ValueError(f"--seq-len={args.seq_len} exceeds the target's context of "
+                         f"{target.config.max_position_embeddings} tokens; pass a smaller one")
+    check_run_settings(args.run, {"data": [f.name for f in files], "rows": args.rows, "seq_len": args.seq_len})
     # prepare_data reuses a tokenizer it finds in the run folder, so the token streams
     # match the shipped pair's vocabulary.
     shutil.copy(args.models / "shakespeare-target" / "tokenizer.json", args.run / "tokenizer.json")
     _, train, held_out = prepare_data(args.data, args.run, target.config.vocab_size)
+    if len(held_out) <= args.seq_len:
+        raise ValueError(f"the held-out files of --data {args.data} have {len(held_out)} tokens, too few for one "
+                         f"--seq-len={args.seq_len} window; pass more text or a smaller --seq-len")
     windows = corpus.eval_windows(held_out, args.seq_len, args.eval_windows)
 
     greedy = target_text(target, train, args.run / "greedy_tokens.npy", 0.0, args.rows, args.seq_len, seed=10)
@@ -127,4 +182,4 @@ def refinement_note(metrics: dict, before: float, after: float, command: str, ar
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

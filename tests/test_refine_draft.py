@@ -19,14 +19,15 @@ def corpus_dir(tmp_path_factory):
     return folder
 
 
-def run_refinement(models_dir, corpus_dir, run, export, monkeypatch, acceptances):
+def run_refinement(models_dir, corpus_dir, run, export, monkeypatch, acceptances, rows=4):
     """Run two refinement steps. Greedy acceptance before and after comes from `acceptances`."""
     values = iter(acceptances)
     monkeypatch.setattr(refine_draft, "greedy_acceptance", lambda target, draft, held_out: next(values))
-    refine_draft.main([
+    status = refine_draft.main([
         "--data", str(corpus_dir), "--models", str(models_dir), "--run", str(run), "--export", str(export),
-        "--steps", "2", "--batch", "2", "--rows", "4", "--seq-len", str(SEQ_LEN), "--eval-windows", "2",
+        "--steps", "2", "--batch", "2", "--rows", str(rows), "--seq-len", str(SEQ_LEN), "--eval-windows", "2",
     ])
+    assert status == 0
 
 
 def test_refine_target_text_rows(models_dir, corpus_dir, tmp_path, monkeypatch):
@@ -53,3 +54,33 @@ def test_refine_exports_only_when_acceptance_rises(models_dir, corpus_dir, tmp_p
     card = (folder / "README.md").read_text()
     assert "## Refinement" in card
     assert "0.500 before, 0.600 after" in card
+
+
+@pytest.mark.parametrize("option, value", [("--steps", "0"), ("--batch", "-1"), ("--rows", "0"),
+                                           ("--eval-windows", "0"), ("--seq-len", "32"), ("--lr", "0")])
+def test_refine_rejects_invalid_option(option, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        refine_draft.main(["--data", str(tmp_path), "--models", str(tmp_path), "--run", str(tmp_path / "run"),
+                           option, value])
+    assert exit_info.value.code == 2
+    assert f"{option}={value}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_refine_names_missing_folders(models_dir, corpus_dir, tmp_path, capsys):
+    base = ["--run", str(tmp_path / "run"), "--steps", "2", "--seq-len", str(SEQ_LEN)]
+    assert refine_draft.main(["--data", str(tmp_path / "missing"), "--models", str(models_dir), *base]) == 1
+    assert "--data" in capsys.readouterr().err
+    assert refine_draft.main(["--data", str(corpus_dir), "--models", str(tmp_path), *base]) == 1
+    assert "--models" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_refine_rejects_run_with_other_rows(models_dir, corpus_dir, tmp_path, monkeypatch, capsys):
+    """Token caches from another --rows would otherwise be reused without notice."""
+    run = tmp_path / "run"
+    run_refinement(models_dir, corpus_dir, run, tmp_path / "export", monkeypatch, [0.5, 0.4])
+    status = refine_draft.main(["--data", str(corpus_dir), "--models", str(models_dir), "--run", str(run),
+                                "--steps", "2", "--rows", "8", "--seq-len", str(SEQ_LEN)])
+    assert status == 1
+    assert "rows" in capsys.readouterr().err
