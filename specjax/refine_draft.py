@@ -22,36 +22,10 @@ import numpy as np
 
 from specjax import corpus
 from specjax.checkpoint import load, save
-from specjax.generate import generate
-from specjax.model import Model
 from specjax.train import Schedule, run_stage
-from specjax.train_pair import SEQ_LEN, greedy_acceptance, held_out_loss, prepare_data, top1_agreement
-
-PROMPT_TOKENS = 32
-
-
-def target_text(target: Model, train: np.ndarray, cache: Path, temperature: float, rows: int, length: int,
-                seed: int) -> np.ndarray:
-    """Return a token stream of `rows` target continuations of 32-token corpus prompts,
-    `length` tokens each with the prompt, then EOS. They are generated at `temperature`
-    (0 for greedy) and cached in `cache`."""
-    if cache.is_file():
-        return np.load(cache)
-    eos = target.eos_token_ids[0]
-    rng = np.random.default_rng(seed)
-    pieces = []
-    for first in range(0, rows, 32):
-        starts = rng.integers(0, len(train) - PROMPT_TOKENS, size=min(32, rows - first))
-        prompts = [train[s : s + PROMPT_TOKENS].tolist() for s in starts]
-        result = generate(target, prompts, max_new_tokens=length - PROMPT_TOKENS, temperature=temperature,
-                          seed=seed + first, eos_token_id=[])
-        for prompt, tokens in zip(prompts, result.tokens):
-            pieces.append(np.asarray(prompt + tokens + [eos], np.int32))
-        print(f"{cache.stem}: {first + len(prompts)}/{rows} target continuations", flush=True)
-    stream = np.concatenate(pieces)
-    np.save(cache, stream)
-    return stream
-
+from specjax.train_pair import (
+    PROMPT_TOKENS, SEQ_LEN, greedy_acceptance, held_out_loss, prepare_data, target_text, top1_agreement,
+)
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the command line. Exits with a usage message on invalid values."""
@@ -131,8 +105,10 @@ def refine(args: argparse.Namespace, argv=None) -> None:
                          f"--seq-len={args.seq_len} window; pass more text or a smaller --seq-len")
     windows = corpus.eval_windows(held_out, args.seq_len, args.eval_windows)
 
-    greedy = target_text(target, train, args.run / "greedy_tokens.npy", 0.0, args.rows, args.seq_len, seed=10)
-    sampled = target_text(target, train, args.run / "sampled_tokens.npy", 0.8, args.rows, args.seq_len, seed=20)
+    greedy = target_text(target, train, args.run / "greedy_tokens.npy", temperature=0.0, rows=args.rows,
+                         length=args.seq_len, prompt_seed=10, sample_seed=10)
+    sampled = target_text(target, train, args.run / "sampled_tokens.npy", temperature=0.8, rows=args.rows,
+                          length=args.seq_len, prompt_seed=20, sample_seed=20)
     offset = np.random.default_rng(4).integers(0, len(train) - len(sampled))
     stream = np.concatenate([greedy, sampled, train[offset : offset + len(sampled)]])
     print(f"refining on {len(stream)} tokens: target greedy, target sampled and corpus text", flush=True)

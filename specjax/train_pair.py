@@ -26,6 +26,7 @@ from specjax.model import Model
 from specjax.train import Schedule, cross_entropy, model_logits, run_stage
 
 SEQ_LEN = 512
+PROMPT_TOKENS = 32
 
 
 def target_config(vocab_size: int, eos: int) -> ModelConfig:
@@ -122,7 +123,8 @@ def main(argv=None) -> None:
     if args.sampled_steps:
         # Acceptance is measured on text the target writes, which differs from the corpus,
         # so a second distillation stage mixes the target's own samples with corpus text.
-        sampled = target_samples(target, train, args.run / "sampled_tokens.npy", eos)
+        sampled = target_text(target, train, args.run / "sampled_tokens.npy", temperature=0.8, rows=128,
+                              length=SEQ_LEN, prompt_seed=3, sample_seed=0)
         corpus_part = train[np.random.default_rng(2).integers(0, len(train) - len(sampled)):][: len(sampled)]
         schedule = Schedule(steps=args.sampled_steps, batch=args.batch, seq_len=SEQ_LEN, lr=1e-3,
                             warmup=20, save_every=50)
@@ -147,19 +149,28 @@ def main(argv=None) -> None:
             print(f"wrote {folder}", flush=True)
 
 
-def target_samples(target: Model, train: np.ndarray, cache: Path, eos: int, rows: int = 128) -> np.ndarray:
-    """Token stream of `rows` target samples (temperature 0.8) from 32-token corpus prompts."""
+def target_text(target: Model, train: np.ndarray, cache: Path, *, temperature: float, rows: int, length: int,
+                prompt_seed: int, sample_seed: int) -> np.ndarray:
+    """Return a token stream of `rows` target continuations of 32-token corpus prompts,
+    `length` tokens each with the prompt, then EOS.
+
+    They are generated at `temperature` (0 for greedy) and cached in `cache`. Prompts are
+    drawn with `prompt_seed`, and each batch of 32 rows samples with `sample_seed` plus
+    its first row's index.
+    """
     if cache.is_file():
         return np.load(cache)
-    rng = np.random.default_rng(3)
+    eos = target.eos_token_ids[0]
+    rng = np.random.default_rng(prompt_seed)
     pieces = []
     for first in range(0, rows, 32):
-        starts = rng.integers(0, len(train) - 32, size=32)
-        prompts = [train[s : s + 32].tolist() for s in starts]
-        result = generate(target, prompts, max_new_tokens=SEQ_LEN - 32, temperature=0.8, seed=first, eos_token_id=[])
+        starts = rng.integers(0, len(train) - PROMPT_TOKENS, size=min(32, rows - first))
+        prompts = [train[s : s + PROMPT_TOKENS].tolist() for s in starts]
+        result = generate(target, prompts, max_new_tokens=length - PROMPT_TOKENS, temperature=temperature,
+                          seed=sample_seed + first, eos_token_id=[])
         for prompt, tokens in zip(prompts, result.tokens):
             pieces.append(np.asarray(prompt + tokens + [eos], np.int32))
-        print(f"sampled {first + 32}/{rows} sequences from the target", flush=True)
+        print(f"{cache.stem}: {first + len(prompts)}/{rows} target continuations", flush=True)
     stream = np.concatenate(pieces)
     np.save(cache, stream)
     return stream
