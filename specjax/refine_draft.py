@@ -27,21 +27,27 @@ from specjax.train_pair import (
     PROMPT_TOKENS, SEQ_LEN, greedy_acceptance, held_out_loss, prepare_data, target_text, top1_agreement,
 )
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the command line. Exits with a usage message on invalid values."""
     parser = argparse.ArgumentParser(prog="python -m specjax.refine_draft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True,
                         help="the corpus folder the pair was trained on (at least 20 .txt files)")
-    parser.add_argument("--models", type=Path, required=True, help="folder with shakespeare-target/ and shakespeare-draft/")
+    parser.add_argument("--models", type=Path, required=True,
+                        help="folder with shakespeare-target/ and shakespeare-draft/")
     parser.add_argument("--run", type=Path, required=True, help="folder for checkpoints and token caches")
     parser.add_argument("--export", type=Path, help="write the refined shakespeare-draft/ here")
-    parser.add_argument("--steps", type=int, default=800, help="training steps in all, counting resumed ones (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=800,
+                        help="training steps in all, counting resumed ones (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (default: %(default)s)")
-    parser.add_argument("--rows", type=int, default=256, help="target continuations per temperature (default: %(default)s)")
+    parser.add_argument("--rows", type=int, default=256,
+                        help="target continuations per temperature (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: %(default)s)")
-    parser.add_argument("--eval-windows", type=int, default=16, help="held-out windows per evaluation (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per training sequence (default: %(default)s)")
+    parser.add_argument("--eval-windows", type=int, default=16,
+                        help="held-out windows per evaluation (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN,
+                        help="tokens per training sequence (default: %(default)s)")
     args = parser.parse_args(argv)
     for name in ("steps", "batch", "rows", "eval_windows"):
         if getattr(args, name) < 1:
@@ -146,8 +152,8 @@ def refinement_note(metrics: dict, before: float, after: float, command: str, ar
         "",
         f"- Command: `{command}`",
         f"- Data: {args.rows} greedy and {args.rows} temperature-0.8 continuations by the target of",
-        f"  {PROMPT_TOKENS}-token training-corpus prompts, {args.seq_len - PROMPT_TOKENS} tokens each, mixed with as much",
-        "  corpus text as the sampled part; loss KL(target || draft) per token.",
+        f"  {PROMPT_TOKENS}-token training-corpus prompts, {args.seq_len - PROMPT_TOKENS} tokens each, mixed",
+        "  with as much corpus text as the sampled part; loss KL(target || draft) per token.",
         f"- Steps: {metrics['step']} of batch {args.batch} x {args.seq_len} tokens; final training KL",
         f"  {metrics['train_loss']:.3f}; held-out cross-entropy {metrics['held_out_loss']:.3f} nats per token;",
         f"  top-1 agreement with the target on held-out text {metrics['top1_agreement']:.3f}.",

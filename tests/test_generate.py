@@ -286,7 +286,7 @@ def test_adaptive_single_draft_token_finishes(target, noisy_draft, plain_batch):
     assert result.stats.draft_steps > 0
 
 
-def test_programs_compile_with_the_options_of_their_batch(target, noisy_draft, monkeypatch):
+def test_compile_options_follow_batch(target, noisy_draft, monkeypatch):
     """Batch-1 programs and larger ones compile with different CPU options, measured
     faster for each (see specjax.xla)."""
     generate_module = importlib.import_module("specjax.generate")
