@@ -26,12 +26,14 @@ def _forward_loop(model, batch: int, tokens: int, context: int, repeats: int):
 
     from specjax.cache import init_cache
     from specjax.model import forward
-    from specjax.xla import compile_program
+    from specjax.xla import compile_program, graph_for_backend
+
+    graphdef = graph_for_backend(model.graphdef, model.params)
 
     def loop(params, ids, positions, cache):
         def body(_, carry):
             cache, total = carry
-            logits, cache = forward(model.graphdef, params, ids, positions, cache)
+            logits, cache = forward(graphdef, params, ids, positions, cache)
             return cache, total + logits[0, 0, 0].astype(jnp.float32)
 
         return jax.lax.fori_loop(0, repeats, body, (cache, jnp.float32(0)))[1]

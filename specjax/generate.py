@@ -23,7 +23,7 @@ from specjax.inputs import (
 from specjax.model import Model
 from specjax.sampling import SamplingParams
 from specjax import program_cache
-from specjax.xla import compile_program
+from specjax.xla import compile_program, graph_for_backend
 
 # Prompt widths and cache capacities are rounded up to these multiples so that nearby
 # shapes share one compiled program.
@@ -122,9 +122,9 @@ def generate(
     width = _round_up(max(len(r) for r in rows), _WIDTH_BUCKET)
     capacity = _round_up(capacity_for(width, max_new_tokens, k), _CAPACITY_BUCKET)
     spec = EngineSpec(
-        target=target.graphdef,
+        target=graph_for_backend(target.graphdef, target.params),
         target_config=target.config,
-        draft=None if draft is None else draft.graphdef,
+        draft=None if draft is None else graph_for_backend(draft.graphdef, draft.params),
         draft_config=None if draft is None else draft.config,
         num_draft_tokens=k,
         adaptive=bool(adaptive) and k > 0,

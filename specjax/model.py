@@ -24,12 +24,32 @@ class Linear(nnx.Module):
         init = jax.nn.initializers.normal(0.02)
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+        # Static: how many parts a 1-row product's contraction is split into (see
+        # `split_row_products`); 1 computes it as one dot.
+        self.row_parts = 1
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...]
+        kernel = self.kernel[...]
+        parts = self.row_parts
+        if parts > 1 and x.size == kernel.shape[0] and kernel.shape[0] % parts == 0:
+            y = _split_row_product(x, kernel, parts)
+        else:
+            y = x @ kernel
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+
+def _split_row_product(x: jax.Array, kernel: jax.Array, parts: int) -> jax.Array:
+    """x @ kernel for a single row x, as a sum over `parts` slices of the contraction.
+
+    XLA's CPU backend runs a 1-row product on one thread, but a batched product on one
+    thread per batch entry, so the slices stream their weights on separate cores.
+    """
+    d_in, d_out = kernel.shape
+    slices = x.reshape(parts, d_in // parts)
+    sums = jnp.einsum("pk,pkn->pn", slices, kernel.reshape(parts, d_in // parts, d_out))
+    return sums.sum(axis=0).reshape(x.shape[:-1] + (d_out,))
 
 
 class RMSNorm(nnx.Module):
@@ -191,6 +211,17 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens, positions, cache:
     `cache.lengths` to the caller.
     """
     return nnx.merge(graphdef, params)(tokens, positions, cache)
+
+
+def split_row_products(graphdef: nnx.GraphDef, params: nnx.State, parts: int) -> nnx.GraphDef:
+    """Return `graphdef` with every float `Linear` computing 1-row products in `parts`
+    slices of its input (`parts` 1 restores plain products). Only the static graph
+    changes, so `params` still fit it; the products equal the plain ones up to rounding."""
+    module = nnx.merge(graphdef, params)
+    for _, layer in nnx.iter_modules(module):
+        if isinstance(layer, Linear):
+            layer.row_parts = parts
+    return nnx.split(module)[0]
 
 
 def activation_dtype(params: nnx.State):
