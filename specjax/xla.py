@@ -67,9 +67,22 @@ def row_parts(params: nnx.State) -> int:
     return 2 if size >= SPLIT_MIN_BYTES else 1
 
 
+# Split graphs by the id of the graph they came from. Building one merges and splits the
+# model in Python, about 17 ms for the shipped target, so `generate` must not repeat it.
+_split_graphs: dict[int, tuple[nnx.GraphDef, int, nnx.GraphDef]] = {}
+
+
 def graph_for_backend(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef:
     """Return the graph that generation compiles for a model: `graphdef` with its
     1-row products split into `row_parts(params)` parts."""
     from specjax.model import split_row_products
 
-    return split_row_products(graphdef, params, row_parts(params))
+    parts = row_parts(params)
+    if parts == 1:
+        return graphdef
+    entry = _split_graphs.get(id(graphdef))
+    # The entry keeps its source graph alive, so an equal id means the same graph.
+    if entry is None or entry[0] is not graphdef or entry[1] != parts:
+        entry = (graphdef, parts, split_row_products(graphdef, params, parts))
+        _split_graphs[id(graphdef)] = entry
+    return entry[2]
