@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from specjax.schedule import FIRST_PAUSE, MAX_PAUSE, Schedule, after_draft_step, after_plain_step, budget
+from specjax.schedule import FIRST_PAUSE, MAX_PAUSE, PAUSE_GROWTH, Schedule, after_draft_step, after_plain_step, budget
 
 K = 8
 
@@ -30,7 +30,7 @@ def test_full_acceptance_reaches_k():
     assert int(schedule.pause) == 0
 
 
-def test_rejections_pause_with_doubling_lengths():
+def test_rejections_pause_with_growing_lengths():
     schedule = _draft(Schedule.start(), accepted=0, tested=1)
     pauses = []
     for _ in range(7):
@@ -40,13 +40,13 @@ def test_rejections_pause_with_doubling_lengths():
             schedule = after_plain_step(schedule)
         assert int(budget(schedule, K)) == 1
         schedule = _draft(schedule, accepted=0, tested=1)
-    assert pauses == [FIRST_PAUSE, 8, 16, 32, 64, MAX_PAUSE, MAX_PAUSE]
+    assert pauses == [4, 16, 64, 256, 256, 256, 256]
 
 
 def test_recovery_resets_the_pause_length():
     schedule = _draft(Schedule.start(), accepted=0, tested=1)
     schedule = _draft(schedule.replace(pause=jnp.int32(0)), accepted=0, tested=1)
-    assert int(schedule.next_pause) == 16
+    assert int(schedule.next_pause) == FIRST_PAUSE * PAUSE_GROWTH**2
     for _ in range(3):
         schedule = _draft(schedule.replace(pause=jnp.int32(0)), accepted=8, tested=8)
     assert int(schedule.pause) == 0
