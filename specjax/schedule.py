@@ -24,9 +24,9 @@ from flax import struct
 
 DECAY = 0.9  # weight of the previous steps' counts in the estimate, per step
 FIRST_PAUSE = 4
-# A measuring step costs about two plain steps on CPU (a catch-up of the draft and a
-# 2-token verify forward), so pauses grow fast: a useless draft is measured 4 times in
-# 256 tokens, against 6 times when pauses doubled up to 128 steps.
+# A measuring step costs about two plain steps on CPU: the draft catches up and the
+# target scores two tokens. So pauses grow fast, and a useless draft is measured 4 times
+# in 256 tokens, against 6 times when pauses doubled up to 128 steps.
 PAUSE_GROWTH = 4
 MAX_PAUSE = 256
 
