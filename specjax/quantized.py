@@ -114,7 +114,7 @@ def layer_lowering(in_features: int, out_features: int, group_size: int,
     # NOTE: no test runs a decoder on the Pallas path that GPU and TPU pick here. The
     # kernel has run only in interpret mode on the CPU, with these block sizes too.
     # NOTE: on CPU the blocked lowering saves memory but not always time: int4 decoding
-    # ran at 1.22x float32 on a 2-core AMD EPYC and 0.49x to 0.53x on a 2-core Intel Xeon.
+    # ran at 1.22x float32 on a 2-core AMD EPYC and 0.46x to 0.53x on a 2-core Intel Xeon.
     if default_impl(backend) == "pallas":
         blocks = pallas_block_sizes(in_features, out_features)
         if blocks is not None:
