@@ -44,6 +44,21 @@ def tokenize(target: Model, prompt: Prompt) -> list[list[int]]:
     return [[int(t) for t in row] for row in rows]
 
 
+# Tokenizer pairs found equal (a 2 ms comparison at 4096 tokens), by ids and sizes. An
+# entry keeps both alive, so an equal id is the same object, and an added token changes the size.
+_equal_vocabularies: dict[tuple[int, int, int, int], tuple] = {}
+
+
+def _same_vocabulary(first, second) -> bool:
+    key = (id(first), id(second), first.get_vocab_size(), second.get_vocab_size())
+    if key in _equal_vocabularies:
+        return True
+    if first.get_vocab() != second.get_vocab():
+        return False
+    _equal_vocabularies[key] = (first, second)
+    return True
+
+
 def check_vocabularies(target: Model, draft: Model) -> None:
     """Reject a draft that does not share the target's vocabulary.
 
@@ -57,7 +72,7 @@ def check_vocabularies(target: Model, draft: Model) -> None:
             "draft and target must share one tokenizer"
         )
     if target.tokenizer is not None and draft.tokenizer is not None:
-        if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+        if not _same_vocabulary(target.tokenizer, draft.tokenizer):
             raise ValueError("the draft's tokenizer differs from the target's; they must share one vocabulary")
         real_size = target.tokenizer.get_vocab_size()
         if real_size > draft_size:

@@ -139,6 +139,16 @@ def test_draft_with_different_tokenizer(tokenized_target):
         generate(tokenized_target, [1, 2, 3], draft=other_draft)
 
 
+def test_tokenizer_changed_after_check(tokenized_target):
+    """A draft accepted once is checked again after a token is added to its tokenizer."""
+    tokenizer = word_tokenizer()
+    draft = Model.random(tiny_config(), seed=1, tokenizer=tokenizer)
+    generate(tokenized_target, [1, 2, 3], draft=draft, max_new_tokens=2)
+    tokenizer.add_tokens(["extra"])
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        generate(tokenized_target, [1, 2, 3], draft=draft, max_new_tokens=2)
+
+
 def test_draft_smaller_than_tokenizer():
     tokenizer = word_tokenizer()
     padded_target = Model.random(tiny_config(VOCAB_SIZE + 8), seed=0, tokenizer=tokenizer)
