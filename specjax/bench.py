@@ -143,6 +143,8 @@ def add_parser(commands) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
+    from specjax.inputs import MAX_DRAFT_TOKENS
+
     for name in ("max_new_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
@@ -150,6 +152,9 @@ def validate(args: argparse.Namespace) -> None:
         bad = [v for v in getattr(args, name) if v < 1]
         if bad:
             raise ValueError(f"--{name} value {bad[0]} must be >= 1")
+    too_long = [k for k in args.ks if k > MAX_DRAFT_TOKENS]
+    if too_long:
+        raise ValueError(f"--ks value {too_long[0]} must be <= {MAX_DRAFT_TOKENS}")
 
 
 def run(args: argparse.Namespace, target, draft) -> list[str]:

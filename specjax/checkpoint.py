@@ -176,8 +176,10 @@ def load(
 
     folder = Path(path)
     bits = parse_quantize(quantize, group_size)
-    if not folder.is_dir():
+    if not folder.exists():
         raise CheckpointError(f"model folder {folder} not found")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file; pass a model folder with config.json and model.safetensors")
     dtype = resolve_dtype(dtype)
     config = load_config(folder)
     files = _weight_files(folder)

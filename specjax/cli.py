@@ -134,6 +134,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if draft_dir is None and args.target is None and not args.no_draft:
         draft_dir = models / "shakespeare-draft"
 
+    _check_folder("--target", target_dir)
+    if draft_dir is not None:
+        _check_folder("--draft", draft_dir)
     print(f"loading {target_dir}" + (f" and {draft_dir}" if draft_dir else ""), file=sys.stderr, flush=True)
     group_size = {None: 128, "channel": None}.get(args.group_size, args.group_size)
     quantization = {"quantize": args.quantize, "group_size": group_size,
@@ -171,6 +174,15 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_folder(option: str, folder: Path) -> None:
+    """Raise ValueError, naming `option`, unless `folder` is a folder."""
+    expected = "pass a Hugging Face model folder (config.json, model.safetensors, tokenizer.json)"
+    if not Path(folder).exists():
+        raise ValueError(f"{option} {folder}: folder not found; {expected}")
+    if not Path(folder).is_dir():
+        raise ValueError(f"{option} {folder} is a file; {expected}")
+
+
 def run_bench(args: argparse.Namespace) -> int:
     import specjax
     from specjax import bench
@@ -179,6 +191,8 @@ def run_bench(args: argparse.Namespace) -> int:
     models = shipped_models_dir()
     target_dir = args.target or models / "shakespeare-target"
     draft_dir = args.draft or models / "shakespeare-draft"
+    _check_folder("--target", target_dir)
+    _check_folder("--draft", draft_dir)
     print(f"loading {target_dir} and {draft_dir}", file=sys.stderr, flush=True)
     target, draft = specjax.load(target_dir), specjax.load(draft_dir)
     enable_compile_cache()

@@ -109,14 +109,15 @@ def generate(
     probability is below `confidence_threshold` (0 disables the cut-off). None of these
     settings changes the output distribution, only the speed.
     """
+    # A draft of another vocabulary is reported as such before any prompt check names it.
+    if draft is not None:
+        check_vocabularies(target, draft)
     rows = tokenize(target, prompt)
     check_request(target, draft, rows, max_new_tokens, num_draft_tokens, temperature, top_k, top_p)
     validate_draft_settings(adaptive, confidence_threshold, min_acceptance)
     # NumPy scalars pass validation; plain Python numbers keep the static shapes hashable.
     max_new_tokens, num_draft_tokens, top_k = int(max_new_tokens), int(num_draft_tokens), int(top_k)
     temperature, top_p = float(temperature), float(top_p)
-    if draft is not None:
-        check_vocabularies(target, draft)
 
     k = num_draft_tokens if draft is not None else 0
     width = _round_up(max(len(r) for r in rows), _WIDTH_BUCKET)

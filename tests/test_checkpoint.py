@@ -111,6 +111,12 @@ def test_load_missing_folder(tmp_path):
     assert "not found" in message
 
 
+def test_load_file_as_folder(tmp_path):
+    file = tmp_path / "model.txt"
+    file.write_text("not a model")
+    assert load_error(file) == f"{file} is a file; pass a model folder with config.json and model.safetensors"
+
+
 def test_load_missing_config(folder):
     (folder / "config.json").unlink()
     message = load_error(folder)

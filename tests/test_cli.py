@@ -52,7 +52,8 @@ def test_explicit_folders_match_defaults(shipped, capsys):
         (["--num-draft-tokens", "0"], "--num-draft-tokens=0"),
         (["--top-k", "-2"], "--top-k=-2"),
         (["--max-new-tokens", "500"], "max_position_embeddings=128"),
-        (["--target", "/nonexistent/model"], "/nonexistent/model not found"),
+        (["--target", "/nonexistent/model"], "--target /nonexistent/model: folder not found"),
+        (["--draft", "/nonexistent/model"], "--draft /nonexistent/model: folder not found"),
         (["--min-acceptance", "2"], "--min-acceptance=2.0"),
         (["--confidence-threshold", "-0.1"], "--confidence-threshold=-0.1"),
     ],
@@ -111,3 +112,19 @@ def test_bench_prints_table(shipped, capsys):
 def test_bench_rejects_bad_repeats(shipped, capsys):
     assert main(["bench", "--repeats", "0"]) == 2
     assert capsys.readouterr().err.strip() == "specjax: error: --repeats=0 must be >= 1"
+
+
+def test_bench_rejects_long_drafts_before_loading(shipped, capsys):
+    assert main(["bench", "--ks", "4", "40"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "specjax: error: --ks value 40 must be <= 32"
+    assert "loading" not in err
+
+
+def test_model_option_given_a_file(shipped, tmp_path, capsys):
+    file = tmp_path / "notes.txt"
+    file.write_text("not a model")
+    assert main(["generate", "ROMEO:", "--target", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert f"--target {file} is a file" in err
+    assert "config.json" in err

@@ -118,6 +118,13 @@ def test_draft_vocabulary_larger_than_target(target):
         generate(target, [1, 2, 3], draft=large_draft)
 
 
+def test_draft_vocabulary_checked_before_prompt(target):
+    """A prompt id beyond a smaller draft's vocabulary is reported as a vocabulary error."""
+    small_draft = Model.random(tiny_config(VOCAB_SIZE - 8), seed=1)
+    with pytest.raises(ValueError, match="draft vocab_size=56 differs"):
+        generate(target, [VOCAB_SIZE - 1], draft=small_draft)
+
+
 def test_padded_target_without_tokenizers(draft):
     padded_target = Model.random(tiny_config(VOCAB_SIZE + 8), seed=0)
     message = f"draft vocab_size={VOCAB_SIZE} differs from the target's {VOCAB_SIZE + 8}"
