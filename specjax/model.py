@@ -24,8 +24,8 @@ class Linear(nnx.Module):
         init = jax.nn.initializers.normal(0.02)
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
-        # Static: how many parts a 1-row product's contraction is split into (see
-        # `split_row_products`); 1 computes it as one dot.
+        # Static: the number of parts that a 1-row product's contraction is split into,
+        # 1 for a single dot (see `split_row_products`).
         self.row_parts = 1
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -41,10 +41,10 @@ class Linear(nnx.Module):
 
 
 def _split_row_product(x: jax.Array, kernel: jax.Array, parts: int) -> jax.Array:
-    """x @ kernel for a single row x, as a sum over `parts` slices of the contraction.
+    """Compute x @ kernel for a single row x as a sum over `parts` slices of the contraction.
 
-    XLA's CPU backend runs a 1-row product on one thread, but a batched product on one
-    thread per batch entry, so the slices stream their weights on separate cores.
+    XLA's CPU backend ran 1-row products of up to 1.5 MiB on one thread, and a batched
+    product on one thread per batch entry, so the slices stream their weights on separate cores.
     """
     d_in, d_out = kernel.shape
     slices = x.reshape(parts, d_in // parts)
@@ -216,7 +216,7 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens, positions, cache:
 def split_row_products(graphdef: nnx.GraphDef, params: nnx.State, parts: int) -> nnx.GraphDef:
     """Return `graphdef` with every float `Linear` computing 1-row products in `parts`
     slices of its input (`parts` 1 restores plain products). Only the static graph
-    changes, so `params` still fit it; the products equal the plain ones up to rounding."""
+    changes, so `params` still fit it. The products equal the plain ones up to rounding."""
     module = nnx.merge(graphdef, params)
     for _, layer in nnx.iter_modules(module):
         if isinstance(layer, Linear):

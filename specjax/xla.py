@@ -41,11 +41,10 @@ def compile_program(lowered: jax.stages.Lowered, batch: int = 1) -> jax.stages.C
         return lowered.compile()
 
 
-# On a 2-core Intel machine, splitting the 1-row products of the 50 MB shipped target over
-# two cores took its 1-token forward from 1.8 to 1.3 ms. The same split slowed the 6.5 MB
-# draft's forward from 0.18 to 0.25 ms, because its weights stay in the caches, where one
-# core reads them fast enough and handing work to the second costs more than it saves.
-# NOTE: measured on 2 cores only; more cores might want more parts or a lower threshold.
+# On a 2-core Intel machine, splitting 1-row products over two cores took the 1-token
+# forward of the 50 MB shipped target from 1.77 to 1.28 ms and slowed the 6.5 MB draft's
+# from 0.17 to 0.23 ms, likely because the draft's weights stay in the caches.
+# NOTE: measured on 2 cores only. More cores might want more parts or a lower threshold.
 SPLIT_MIN_BYTES = 16 * 2**20
 """Weight bytes from which a model's 1-row products are split over two cores on CPU."""
 

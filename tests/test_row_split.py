@@ -60,7 +60,7 @@ def test_indivisible_width_keeps_plain_product():
     np.testing.assert_array_equal(layer(x), expected)
 
 
-def test_row_parts_follow_model_size_and_cores(target, monkeypatch):
+def test_row_parts_follow_size_and_cores(target, monkeypatch):
     size = sum(leaf.nbytes for leaf in jax.tree.leaves(target.params))
     monkeypatch.setattr(xla, "_cpu_count", lambda: 2)
     monkeypatch.setattr(xla, "SPLIT_MIN_BYTES", size)
