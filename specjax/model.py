@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from specjax import cpu_kernel
 from specjax.cache import KVCache, visible, write
 from specjax.config import ModelConfig, llama3_inv_freq
 
@@ -25,13 +26,18 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
         # Static: the number of parts that a 1-row product's contraction is split into,
-        # 1 for a single dot (see `split_row_products`).
+        # 1 for a single dot, and whether float32 products of up to `MAX_ROWS` rows go to
+        # the CPU kernel (see `with_row_products`).
         self.row_parts = 1
+        self.row_kernel = False
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         parts = self.row_parts
-        if parts > 1 and x.size == kernel.shape[0] and kernel.shape[0] % parts == 0:
+        rows = x.size // kernel.shape[0]
+        if self.row_kernel and rows <= cpu_kernel.MAX_ROWS and x.dtype == kernel.dtype == jnp.float32:
+            y = cpu_kernel.row_matmul(x.reshape(rows, -1), kernel).reshape(x.shape[:-1] + (-1,))
+        elif parts > 1 and rows == 1 and kernel.shape[0] % parts == 0:
             y = _split_row_product(x, kernel, parts)
         else:
             y = x @ kernel
@@ -213,14 +219,18 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens, positions, cache:
     return nnx.merge(graphdef, params)(tokens, positions, cache)
 
 
-def split_row_products(graphdef: nnx.GraphDef, params: nnx.State, parts: int) -> nnx.GraphDef:
-    """Return `graphdef` with every float `Linear` computing 1-row products in `parts`
-    slices of its input (`parts` 1 restores plain products). Only the static graph
-    changes, so `params` still fit it. The products equal the plain ones up to rounding."""
+def with_row_products(graphdef: nnx.GraphDef, params: nnx.State, *, parts: int = 1,
+                      kernel: bool = False) -> nnx.GraphDef:
+    """Return `graphdef` with every float `Linear` set to compute its products of few rows
+    by the CPU kernel (`kernel`, which must be available) or else its 1-row products in
+    `parts` slices of the input (`parts` 1 and no kernel restore XLA's plain products).
+
+    Only the static graph changes, so `params` still fit it. The products equal the
+    plain ones up to rounding."""
     module = nnx.merge(graphdef, params)
     for _, layer in nnx.iter_modules(module):
         if isinstance(layer, Linear):
-            layer.row_parts = parts
+            layer.row_parts, layer.row_kernel = parts, kernel
     return nnx.split(module)[0]
 
 

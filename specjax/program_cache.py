@@ -18,6 +18,8 @@ from typing import Callable
 
 import jax
 
+from specjax import cpu_kernel
+
 _folder: Path | None = None
 _source_digest: str | None = None
 
@@ -29,12 +31,12 @@ def enable(folder: str | os.PathLike | None) -> None:
 
 
 def _sources() -> str:
-    """Digest of the package's Python files, so that a code change misses the cache."""
+    """Digest of the package's Python and C++ files, so that a code change misses the cache."""
     global _source_digest
     if _source_digest is None:
         digest = hashlib.sha256()
         root = Path(__file__).resolve().parent
-        for path in sorted(root.rglob("*.py")):
+        for path in sorted([*root.rglob("*.py"), *root.rglob("*.cc")]):
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())
         _source_digest = digest.hexdigest()
@@ -74,7 +76,10 @@ def _export(function: Callable, tree, leaves, path: Path):
     def flat(*leaves):
         return function(*jax.tree.unflatten(tree, leaves))
 
-    exported = jax.export.export(jax.jit(flat))(*leaves)
+    # The CPU kernel's FFI target is registered by `specjax.cpu_kernel` before any
+    # program that calls it is traced or loaded.
+    kernel = jax.export.DisabledSafetyCheck.custom_call(cpu_kernel.TARGET)
+    exported = jax.export.export(jax.jit(flat), disabled_checks=[kernel])(*leaves)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     partial.write_bytes(exported.serialize())

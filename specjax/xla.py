@@ -7,6 +7,8 @@ import os
 import jax
 from flax import nnx
 
+from specjax import cpu_kernel
+
 # On CPU, recent XLA hands dots of more than one row to YNNPACK fusions. At batch 1 the
 # products of a (K+1)-token verify forward ran 1.5 to 2 times slower in them than in
 # XLA's own dot emitter on a 2-core AMD machine. On a 2-core Intel machine they were
@@ -66,22 +68,35 @@ def row_parts(params: nnx.State) -> int:
     return 2 if size >= SPLIT_MIN_BYTES else 1
 
 
-# Split graphs by the id of the graph they came from. Building one merges and splits the
-# model in Python, about 17 ms for the shipped target, so `generate` must not repeat it.
-_split_graphs: dict[int, tuple[nnx.GraphDef, int, nnx.GraphDef]] = {}
+def row_products(params: nnx.State) -> tuple[int, bool]:
+    """Return how a model with `params` computes its products of few rows on this backend:
+    (parts, kernel) as `specjax.model.with_row_products` takes them. The CPU kernel
+    where it builds, else `row_parts(params)` slices."""
+    if jax.default_backend() != "cpu":
+        return 1, False
+    if cpu_kernel.available():
+        return 1, True
+    return row_parts(params), False
+
+
+# Graphs for the backend by the id of the graph they came from. Building one merges and
+# splits the model in Python, about 17 ms for the shipped target, so `generate` must not
+# repeat it.
+_backend_graphs: dict[int, tuple[nnx.GraphDef, tuple[int, bool], nnx.GraphDef]] = {}
 
 
 def graph_for_backend(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef:
     """Return the graph that generation compiles for a model: `graphdef` with its
-    1-row products split into `row_parts(params)` parts."""
-    from specjax.model import split_row_products
+    products of few rows computed as `row_products(params)` says."""
+    from specjax.model import with_row_products
 
-    parts = row_parts(params)
-    if parts == 1:
+    setting = row_products(params)
+    if setting == (1, False):
         return graphdef
-    entry = _split_graphs.get(id(graphdef))
+    entry = _backend_graphs.get(id(graphdef))
     # The entry keeps its source graph alive, so an equal id means the same graph.
-    if entry is None or entry[0] is not graphdef or entry[1] != parts:
-        entry = (graphdef, parts, split_row_products(graphdef, params, parts))
-        _split_graphs[id(graphdef)] = entry
+    if entry is None or entry[0] is not graphdef or entry[1] != setting:
+        parts, kernel = setting
+        entry = (graphdef, setting, with_row_products(graphdef, params, parts=parts, kernel=kernel))
+        _backend_graphs[id(graphdef)] = entry
     return entry[2]

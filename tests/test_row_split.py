@@ -10,12 +10,18 @@ from flax import nnx
 
 import specjax.model
 from generation_helpers import PROMPTS, assert_greedy_equal, noisy_copy, tiny_config
-from specjax import Model, generate, xla
+from specjax import Model, cpu_kernel, generate, xla
 from specjax.cache import init_cache
-from specjax.model import Linear, forward, split_row_products
+from specjax.model import Linear, forward, with_row_products
 
 # `specjax.generate` names the function once the package is imported, so fetch the module.
 generate_module = importlib.import_module("specjax.generate")
+
+
+@pytest.fixture(autouse=True)
+def without_kernel(monkeypatch):
+    """These tests cover the split, which models use where the CPU kernel is unavailable."""
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +36,7 @@ def _logits(model, graphdef, tokens):
 
 
 def test_split_product_matches_plain_product(target):
-    split = split_row_products(target.graphdef, target.params, 2)
+    split = with_row_products(target.graphdef, target.params, parts=2)
     single = jnp.asarray([[7]], jnp.int32)
     np.testing.assert_allclose(_logits(target, split, single), _logits(target, target.graphdef, single),
                                rtol=1e-5, atol=1e-6)
@@ -49,7 +55,7 @@ def test_split_graph_computes_batched_products(target):
 
     assert dots(target.graphdef) == 0
     # q, k, v, o, gate, up and down per layer, and the output layer.
-    assert dots(split_row_products(target.graphdef, target.params, 2)) == 7 * target.config.num_layers + 1
+    assert dots(with_row_products(target.graphdef, target.params, parts=2)) == 7 * target.config.num_layers + 1
 
 
 def test_indivisible_width_keeps_plain_product():

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from specjax.schedule import FIRST_PAUSE, MAX_PAUSE, PAUSE_GROWTH, Schedule, after_draft_step, after_plain_step, budget
+from specjax.schedule import FIRST_PAUSE, PAUSE_GROWTH, Schedule, after_draft_step, after_plain_step, budget
 
 K = 8
 

@@ -1,0 +1,153 @@
+"""The CPU kernel for products of few rows: its values, where models use it, and its fallback."""
+
+import importlib
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import specjax.model
+from generation_helpers import PROMPTS, assert_greedy_equal, noisy_copy, tiny_config
+from specjax import Model, cpu_kernel, generate, xla
+from specjax.model import Linear
+
+generate_module = importlib.import_module("specjax.generate")
+
+needs_kernel = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not cpu_kernel.available(),
+    reason="the CPU kernel needs the CPU backend and a C++ compiler",
+)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 5, 6])
+@pytest.mark.parametrize("k, n", [(384, 1024), (1024, 384), (37, 70), (16, 64), (5, 3), (64, 8192)])
+def test_kernel_matches_float64_product(rows, k, n):
+    rng = np.random.default_rng(rows * 1000 + k + n)
+    x = rng.standard_normal((rows, k), np.float32)
+    w = rng.standard_normal((k, n), np.float32)
+    got = np.asarray(jax.jit(cpu_kernel.row_matmul)(x, w))
+    expected = x.astype(np.float64) @ w.astype(np.float64)
+    # float32 sums of k terms of unit size: error grows about as sqrt(k) ulps.
+    np.testing.assert_allclose(got, expected, rtol=0, atol=4e-6 * k)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k, n", [(384, 1024), (37, 70), (1024, 4096)])
+def test_each_row_equals_its_one_row_product(k, n):
+    """A verify forward computes the products that plain decoding computes, bit for bit."""
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((cpu_kernel.MAX_ROWS, k), np.float32)
+    w = rng.standard_normal((k, n), np.float32)
+    product = jax.jit(cpu_kernel.row_matmul)
+    together = np.asarray(product(x, w))
+    for row in range(x.shape[0]):
+        np.testing.assert_array_equal(together[row], np.asarray(product(x[row : row + 1], w))[0])
+
+
+def _lowered_text(layer, rows):
+    x = jnp.ones((1, rows, layer.kernel.shape[0]), jnp.float32)
+    return jax.jit(lambda x: layer(x)).lower(x).as_text()
+
+
+@needs_kernel
+def test_linear_uses_kernel_up_to_max_rows():
+    layer = Linear(48, 40, bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, cpu_kernel.MAX_ROWS, 48))
+    expected = layer(x)
+    assert cpu_kernel.TARGET not in _lowered_text(layer, 1)
+    layer.row_kernel = True
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert cpu_kernel.TARGET in _lowered_text(layer, cpu_kernel.MAX_ROWS)
+    assert cpu_kernel.TARGET not in _lowered_text(layer, cpu_kernel.MAX_ROWS + 1)
+
+
+@needs_kernel
+def test_backend_graph_uses_kernel():
+    target = Model.random(tiny_config(), seed=0)
+    assert xla.row_products(target.params) == (1, True)
+    graph = xla.graph_for_backend(target.graphdef, target.params)
+    layers = [m for _, m in nnx.iter_modules(nnx.merge(graph, target.params)) if isinstance(m, Linear)]
+    assert layers and all(layer.row_kernel for layer in layers)
+
+
+@needs_kernel
+def test_greedy_output_with_kernel_equals_xla_products(monkeypatch):
+    """Plain and speculative greedy output with the kernel equal plain output with XLA's
+    products, and the same comparison catches a kernel that drops part of the sum."""
+    target = Model.random(tiny_config(), seed=0)
+    draft = noisy_copy(target, scale=0.005, seed=7)
+
+    def greedy(draft):
+        return generate(target, PROMPTS[:1], draft=draft, max_new_tokens=24, num_draft_tokens=3).tokens[0]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu_kernel, "available", lambda: False)
+        expected = greedy(None)
+    for got in (greedy(None), greedy(draft)):
+        assert_greedy_equal(target, PROMPTS[0], got, expected)
+
+    real = cpu_kernel.row_matmul
+
+    def half_sum(x, kernel):
+        half = kernel.shape[0] // 2
+        return real(x[:, :half], kernel[:half])
+
+    monkeypatch.setattr(specjax.model.cpu_kernel, "row_matmul", half_sum)
+    monkeypatch.setattr(generate_module, "_compiled", {})  # programs traced before the patch
+    jax.clear_caches()
+    with pytest.raises(AssertionError):
+        assert_greedy_equal(target, PROMPTS[0], greedy(None), expected)
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """A kernel module that has not tried to build yet, with its cache in `tmp_path`."""
+    monkeypatch.setattr(cpu_kernel, "_state", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("SPECJAX_CPU_KERNEL", raising=False)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU backend only")
+def test_turned_off_by_environment(fresh_state, monkeypatch):
+    monkeypatch.setenv("SPECJAX_CPU_KERNEL", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernel.available() is False
+    assert xla.row_products(Model.random(tiny_config()).params)[1] is False
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU backend only")
+def test_missing_compiler_warns_and_falls_back(fresh_state, monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no C.. compiler found .set CXX"):
+        assert cpu_kernel.available() is False
+    assert cpu_kernel.available() is False  # decided once, without a second warning
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU backend only")
+def test_failed_build_warns_and_falls_back(fresh_state, monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernel, "SOURCE", broken)
+    compiler = cpu_kernel._compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    with pytest.warns(RuntimeWarning, match="building or loading .* failed") as record:
+        assert cpu_kernel.available() is False
+    assert "SPECJAX_CPU_KERNEL=0" in str(record[0].message)
+    assert not cpu_kernel.library_path(compiler).exists()
+
+
+@needs_kernel
+def test_library_is_cached_per_source(monkeypatch, tmp_path):
+    compiler = cpu_kernel._compiler()
+    path = cpu_kernel.library_path(compiler)
+    assert path.exists()  # built by the first `available` call
+    other = tmp_path / "row_matmul.cc"
+    other.write_text(cpu_kernel.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(cpu_kernel, "SOURCE", other)
+    assert cpu_kernel.library_path(compiler) != path
