@@ -24,7 +24,8 @@ needs_kernel = pytest.mark.skipif(
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 5, 6])
-@pytest.mark.parametrize("k, n", [(384, 1024), (1024, 384), (37, 70), (16, 64), (5, 3), (64, 8192)])
+# (1000, 100) splits the contraction into parts that end in a partial chunk.
+@pytest.mark.parametrize("k, n", [(384, 1024), (1024, 384), (37, 70), (16, 64), (5, 3), (64, 8192), (1000, 100)])
 def test_kernel_matches_float64_product(rows, k, n):
     rng = np.random.default_rng(rows * 1000 + k + n)
     x = rng.standard_normal((rows, k), np.float32)
@@ -36,7 +37,7 @@ def test_kernel_matches_float64_product(rows, k, n):
 
 
 @needs_kernel
-@pytest.mark.parametrize("k, n", [(384, 1024), (37, 70), (1024, 4096)])
+@pytest.mark.parametrize("k, n", [(384, 1024), (37, 70), (1024, 4096), (1000, 100)])
 def test_each_row_equals_its_one_row_product(k, n):
     """A verify forward computes the products that plain decoding computes, bit for bit."""
     rng = np.random.default_rng(k)
