@@ -34,8 +34,8 @@ draft = specjax.load(models / "shakespeare-draft")
 enable_compile_cache()
 from specjax import cpu_kernel
 started = time.perf_counter()
-# What the first call spends on loading the CPU kernel, or building it in an empty cache
-# folder, is timed apart and counted in the first call.
+# The time to load the CPU kernels, or to build them in an empty cache folder, is timed
+# apart and counted in the first call.
 kernel = cpu_kernel.available()
 kernel_seconds = time.perf_counter() - started
 result = specjax.generate(target, "ROMEO:", draft=draft, max_new_tokens=64)

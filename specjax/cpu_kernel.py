@@ -1,7 +1,9 @@
-"""A CPU kernel for float32 products of a few rows, built from C++ on first use.
+"""CPU kernels for products of a few float32 rows, built from C++ on first use.
 
-`specjax/csrc/row_matmul.cc` is compiled with the machine's C++ compiler for its own
-CPU (`-march=native`) and registered with XLA as an FFI target. The library lands in
+The sources in `specjax/csrc` (a float32 weight in `row_matmul.cc`, an int4 or int8
+one in `quantized_row_matmul.cc`) are compiled with the machine's C++ compiler for its
+own CPU (`-march=native`) into one library, whose handlers are registered with XLA as
+FFI targets. The library lands in
 $XDG_CACHE_HOME/specjax/kernels (default ~/.cache/specjax/kernels), named by a digest
 of the source, the JAX version, the compiler and the CPU, so later processes load it
 in milliseconds. Without a compiler, or with SPECJAX_CPU_KERNEL=0, `available` returns
@@ -22,14 +24,17 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TARGET = "specjax_row_matmul"
-"""The FFI target name that compiled programs call."""
+"""The FFI target of the float32 product, as compiled programs name it."""
+QUANTIZED_TARGET = "specjax_quantized_row_matmul"
+"""The FFI target of the quantized product."""
 MAX_ROWS = 6
 """Most rows per product sent to the kernel: the rows that share one read of the weights
 (`kMaxGroup` in the source). Past it XLA's products were faster on a 2-core Intel Xeon."""
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "row_matmul.cc"
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 _lock = threading.Lock()
 _state: bool | None = None  # None until the first `available` call
 _library = None  # the loaded library, kept alive with the registered handler
@@ -58,8 +63,9 @@ def _compiler() -> str | None:
 def library_path(compiler: str) -> Path:
     """Where the library built by `compiler` for this machine and JAX version is kept."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), jax.__version__.encode(), compiler.encode(),
-                 platform.machine().encode(), _cpu_flags().encode()):
+    sources = [path.read_bytes() for path in sorted(SOURCE_DIR.glob("*")) if path.suffix in (".cc", ".h")]
+    for part in (*sources, jax.__version__.encode(), compiler.encode(), platform.machine().encode(),
+                 _cpu_flags().encode()):
         digest.update(part)
         digest.update(b"\0")
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -69,8 +75,9 @@ def library_path(compiler: str) -> Path:
 def _build(compiler: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
+    sources = [str(path) for path in sorted(SOURCE_DIR.glob("*.cc"))]
     command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}",
-               str(SOURCE), "-o", str(partial)]
+               *sources, "-o", str(partial)]
     # Native code first; a compiler that does not know the flags builds portable code.
     # GCC keeps to 256-bit vectors on AVX-512 machines unless told otherwise, and the
     # 512-bit ones made 5-row products 10 % faster on a 2-core Intel Xeon.
@@ -112,7 +119,9 @@ def _load() -> bool:
         if not path.exists():
             _build(compiler, path)
         _library = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(_library.SpecjaxRowMatmul), platform="cpu")
+        for name, handler in ((TARGET, _library.SpecjaxRowMatmul),
+                              (QUANTIZED_TARGET, _library.SpecjaxQuantizedRowMatmul)):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _warn(f"building or loading {path} failed: {error}")
         return False
@@ -132,3 +141,14 @@ def row_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x (rows, k) @ kernel (k, n) in float32 by the kernel; `available()` must be True."""
     out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out)(x, kernel)
+
+
+def quantized_row_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | None,
+                         bits: int, group_size: int) -> jax.Array:
+    """x (rows, K) float32 @ the weight (K, N) packed as `specjax.kernels.formats` describes,
+    with any of its group sizes; `available()` must be True."""
+    scales = scales.astype(jnp.float32)
+    zero = jnp.float32(2 ** (bits - 1)) if zeros is None else zeros.astype(jnp.float32)
+    out = jax.ShapeDtypeStruct((x.shape[0], packed.shape[1]), jnp.float32)
+    call = jax.ffi.ffi_call(QUANTIZED_TARGET, out)
+    return call(x, packed, scales, zero * scales, bits=np.int64(bits), group_size=np.int64(group_size))

@@ -221,16 +221,19 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens, positions, cache:
 
 def with_row_products(graphdef: nnx.GraphDef, params: nnx.State, *, parts: int = 1,
                       kernel: bool = False) -> nnx.GraphDef:
-    """Return `graphdef` with every float `Linear` set to compute its products of few rows
-    by the CPU kernel (`kernel`, which must be available) or else its 1-row products in
-    `parts` slices of the input (`parts` 1 and no kernel restore XLA's plain products).
+    """Return `graphdef` with every linear layer set to compute its float32 products of
+    few rows by the CPU kernels (`kernel`, which must be available), and every float
+    `Linear` its other 1-row products in `parts` slices of the input (`parts` 1 and no
+    kernel restore XLA's plain products).
 
     Only the static graph changes, so `params` still fit it. The products equal the
     plain ones up to rounding."""
     module = nnx.merge(graphdef, params)
     for _, layer in nnx.iter_modules(module):
         if isinstance(layer, Linear):
-            layer.row_parts, layer.row_kernel = parts, kernel
+            layer.row_parts = parts
+        if hasattr(layer, "row_kernel"):  # `Linear` and `specjax.quantized.QuantizedLinear`
+            layer.row_kernel = kernel
     return nnx.split(module)[0]
 
 

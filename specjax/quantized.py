@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from specjax import cpu_kernel
 from specjax.kernels import BlockSizes, QuantizedWeight, default_impl, quant_matmul, quantize
 from specjax.kernels.formats import SUPPORTED_GROUP_SIZES
 from specjax.model import Linear, Model
@@ -52,6 +53,9 @@ class QuantizedLinear(nnx.Module):
             self.input_permutation = None
         else:
             self.input_permutation = QuantizedParam(jnp.asarray(input_permutation, jnp.int32))
+        # Static: whether float32 products of up to `cpu_kernel.MAX_ROWS` rows go to the
+        # CPU kernel (see `specjax.model.with_row_products`).
+        self.row_kernel = False
 
     @property
     def weight(self) -> QuantizedWeight:
@@ -69,8 +73,15 @@ class QuantizedLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.input_permutation is not None:
             x = jnp.take(x, self.input_permutation[...], axis=-1)
-        impl, blocks = layer_lowering(self.in_features, self.out_features, self.group_size)
-        y = quant_matmul(x, self.weight, impl=impl, block_sizes=blocks)
+        rows = x.size // self.in_features
+        if self.row_kernel and rows <= cpu_kernel.MAX_ROWS and x.dtype == jnp.float32:
+            zeros = None if self.zeros is None else self.zeros[...]
+            y = cpu_kernel.quantized_row_matmul(x.reshape(rows, -1), self.packed[...], self.scales[...], zeros,
+                                                self.bits, self.group_size)
+            y = y.reshape(x.shape[:-1] + (-1,))
+        else:
+            impl, blocks = layer_lowering(self.in_features, self.out_features, self.group_size)
+            y = quant_matmul(x, self.weight, impl=impl, block_sizes=blocks)
         if self.bias is not None:
             y = y + self.bias[...]
         return y

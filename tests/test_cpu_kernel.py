@@ -131,9 +131,8 @@ def test_missing_compiler_warns_and_falls_back(fresh_state, monkeypatch):
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU backend only")
 def test_failed_build_warns_and_falls_back(fresh_state, monkeypatch, tmp_path):
-    broken = tmp_path / "broken.cc"
-    broken.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_kernel, "SOURCE", broken)
+    (tmp_path / "broken.cc").write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernel, "SOURCE_DIR", tmp_path)
     compiler = cpu_kernel._compiler()
     if compiler is None:
         pytest.skip("no C++ compiler")
@@ -148,7 +147,10 @@ def test_library_is_cached_per_source(monkeypatch, tmp_path):
     compiler = cpu_kernel._compiler()
     path = cpu_kernel.library_path(compiler)
     assert path.exists()  # built by the first `available` call
-    other = tmp_path / "row_matmul.cc"
-    other.write_text(cpu_kernel.SOURCE.read_text() + "\n// changed\n")
-    monkeypatch.setattr(cpu_kernel, "SOURCE", other)
+    for source in cpu_kernel.SOURCE_DIR.iterdir():
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    monkeypatch.setattr(cpu_kernel, "SOURCE_DIR", tmp_path)
+    assert cpu_kernel.library_path(compiler) == path
+    with open(tmp_path / "rows.h", "a") as header:
+        header.write("// changed\n")
     assert cpu_kernel.library_path(compiler) != path

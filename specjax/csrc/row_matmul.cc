@@ -11,29 +11,19 @@
 // forward computes the products that plain decoding would.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 
+#include "rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// Output columns whose sums stay in registers, and input rows that share one read of
-// the weights: their product is kept below the 32 (AVX-512) or 16 (AVX2) vector
-// registers, with room for the weights and the broadcast input.
-#if defined(__AVX512F__)
-constexpr int64_t kBlock = 64;
-#else
-constexpr int64_t kBlock = 16;
-#endif
-constexpr int kMaxGroup = 6;
-constexpr int kChunk = 16;  // weight rows read per pass over a column block
-constexpr int64_t kMinSplit = 1 << 16;  // weight elements worth a second thread
+using specjax::kBlock;
+using specjax::kChunk;
+using specjax::kMaxGroup;
 
 // y[:, c0:c1] = x @ w[:, c0:c1] for `Rows` rows; x is (Rows, k) with row stride ldx,
 // w is (k, n) and y (Rows, n), both row-major.
@@ -85,61 +75,18 @@ void Product(const float* x, const float* w, float* y, int64_t rows, int64_t ldx
   }
 }
 
-// The parts of one product, taken by whichever threads come first. Part p sums the
-// weight rows from p * depth to (p + 1) * depth, or to k for the last part, into y for
-// p = 0 and into a buffer after.
-// Splitting the contraction, rather than the columns, gives each thread a contiguous
-// stretch of the weights, which made 1- and 5-row products faster.
-struct Parts {
-  const float* x;
-  const float* w;
-  float* y;
-  int64_t rows, k, n, count, depth;
-  std::unique_ptr<float[]> partial;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Work() {
-    for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
-      float* out = p == 0 ? y : partial.get() + (p - 1) * rows * n;
-      int64_t k1 = p == count - 1 ? k : (p + 1) * depth;  // the last part takes the rest
-      Product(x, w, out, rows, k, n, p * depth, k1, 0, n);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error RowMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                      ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
     return ffi::Error::InvalidArgument("row_matmul expects x (rows, k) and w (k, n)");
   int64_t rows = xd[0], k = wd[0], n = wd[1];
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t count = k * n >= kMinSplit ? std::min<int64_t>(threads, k / kChunk) : 1;
-  if (count <= 1) {
-    Product(x.typed_data(), w.typed_data(), y->typed_data(), rows, k, n, 0, k, 0, n);
-    return ffi::Error::Success();
-  }
-  auto parts = std::make_shared<Parts>();
-  parts->x = x.typed_data();
-  parts->w = w.typed_data();
-  parts->y = y->typed_data();
-  parts->rows = rows, parts->k = k, parts->n = n, parts->count = count;
-  parts->depth = (k / kChunk + count - 1) / count * kChunk;
-  parts->partial.reset(new float[(count - 1) * rows * n]);
-  // The caller takes parts too, and waits only for parts that another thread has
-  // started: a helper that XLA runs late, after every part is taken, finds none left
-  // and returns. So no wait depends on a task that is still queued.
-  for (int64_t i = 1; i < count; ++i) pool.Schedule([parts] { parts->Work(); });
-  parts->Work();
-  while (parts->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
-  // The parts add up in an order set by the shapes alone, the same for any row count.
-  float* out = y->typed_data();
-  for (int64_t p = 1; p < count; ++p) {
-    const float* part = parts->partial.get() + (p - 1) * rows * n;
-    for (int64_t i = 0; i < rows * n; ++i) out[i] += part[i];
-  }
+  const float* xs = x.typed_data();
+  const float* ws = w.typed_data();
+  specjax::SplitContraction::Run(pool, k, k * n * 4, rows * n, y->typed_data(),
+                                 [=](int64_t k0, int64_t k1, float* out) {
+                                   Product(xs, ws, out, rows, k, n, k0, k1, 0, n);
+                                 });
   return ffi::Error::Success();
 }
 
