@@ -31,8 +31,9 @@ TARGET = "specjax_row_matmul"
 QUANTIZED_TARGET = "specjax_quantized_row_matmul"
 """The FFI target of the quantized product."""
 MAX_ROWS = 6
-"""Most rows per product sent to the kernel: the rows that share one read of the weights
-(`kMaxGroup` in the source). Past it XLA's products were faster on a 2-core Intel Xeon."""
+"""The largest number of rows per product that goes to the kernels: the rows that share
+one read of the weights (`kMaxGroup` in the source). Beyond it XLA's products were
+faster on a 2-core Intel Xeon."""
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 _lock = threading.Lock()
@@ -41,8 +42,8 @@ _library = None  # the loaded library, kept alive with the registered handler
 
 
 def _cpu_flags() -> str:
-    """The CPU's feature list, so that a cache folder shared by machines never hands one
-    a library built for another's instructions."""
+    """Return the CPU's feature list, so that a cache folder shared by machines never
+    hands one a library built for another's instructions."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
@@ -79,8 +80,8 @@ def _build(compiler: str, path: Path) -> None:
     command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}",
                *sources, "-o", str(partial)]
     # Native code first; a compiler that does not know the flags builds portable code.
-    # GCC keeps to 256-bit vectors on AVX-512 machines unless told otherwise, and the
-    # 512-bit ones made 5-row products 10 % faster on a 2-core Intel Xeon.
+    # Without -mprefer-vector-width=512 GCC keeps to 256-bit vectors on AVX-512 machines,
+    # and the 512-bit ones made 5-row products 10 % faster on a 2-core Intel Xeon.
     native = ["-march=native"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         native.append("-mprefer-vector-width=512")

@@ -82,7 +82,7 @@ def test_quantized_linear_uses_kernel_where_it_applies():
 
 def test_quantized_greedy_output_with_kernel_equals_xla_lowering(monkeypatch):
     """An int4 target decodes the same greedy tokens with the kernel as with XLA's
-    lowering, plain and speculative; a kernel that drops the offsets fails the comparison."""
+    lowering, plain and speculative. A kernel that drops the offsets fails the comparison."""
     target = quantize_model(Model.random(tiny_config(), seed=0), "int4", 32)
     draft = Model.random(tiny_config(num_layers=1), seed=3)
 
