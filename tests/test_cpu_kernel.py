@@ -1,5 +1,6 @@
 """The CPU kernel for products of few rows: its values, where models use it, and its fallback."""
 
+import ctypes
 import importlib
 import warnings
 
@@ -154,3 +155,20 @@ def test_library_is_cached_per_source(monkeypatch, tmp_path):
     with open(tmp_path / "rows.h", "a") as header:
         header.write("// changed\n")
     assert cpu_kernel.library_path(compiler) != path
+
+
+@needs_kernel
+def test_compiler_without_native_flags_builds_portable_code(tmp_path):
+    real = cpu_kernel._compiler()
+    compiler = tmp_path / "c++"
+    compiler.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = "-march=native" ] && { echo "unknown flag" >&2; exit 1; }; done\n'
+        f'exec "{real}" "$@"\n'
+    )
+    compiler.chmod(0o755)
+    path = tmp_path / "kernels" / "row_matmul.so"
+    cpu_kernel._build(str(compiler), path)
+    library = ctypes.cdll.LoadLibrary(str(path))
+    assert library.SpecjaxRowMatmul and library.SpecjaxQuantizedRowMatmul
+    assert [p.name for p in path.parent.iterdir()] == ["row_matmul.so"]  # no scratch files left
