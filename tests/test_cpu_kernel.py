@@ -170,5 +170,6 @@ def test_compiler_without_native_flags_builds_portable_code(tmp_path):
     path = tmp_path / "kernels" / "row_matmul.so"
     cpu_kernel._build(str(compiler), path)
     library = ctypes.cdll.LoadLibrary(str(path))
-    assert library.SpecjaxRowMatmul and library.SpecjaxQuantizedRowMatmul
+    assert library.SpecjaxRowMatmul
+    assert library.SpecjaxQuantizedRowMatmul
     assert [p.name for p in path.parent.iterdir()] == ["row_matmul.so"]  # no scratch files left
