@@ -175,12 +175,14 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _check_folder(option: str, folder: Path) -> None:
-    """Raise ValueError, naming `option`, unless `folder` is a folder."""
+    """Raise ValueError, naming `option`, unless `folder` is a folder with a config.json."""
     expected = "pass a Hugging Face model folder (config.json, model.safetensors, tokenizer.json)"
     if not Path(folder).exists():
         raise ValueError(f"{option} {folder}: folder not found; {expected}")
     if not Path(folder).is_dir():
         raise ValueError(f"{option} {folder} is a file; {expected}")
+    if not (Path(folder) / "config.json").is_file():
+        raise ValueError(f"{option} {folder} has no config.json; {expected}")
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -31,6 +31,9 @@ TARGET = "specjax_row_matmul"
 """The FFI target of the float32 product, as compiled programs name it."""
 QUANTIZED_TARGET = "specjax_quantized_row_matmul"
 """The FFI target of the quantized product."""
+_HANDLERS = {TARGET: "SpecjaxRowMatmul", QUANTIZED_TARGET: "SpecjaxQuantizedRowMatmul"}
+TARGETS = tuple(_HANDLERS)
+"""Every FFI target that `available` registers."""
 MAX_ROWS = 6
 """The largest number of rows per product that goes to the kernels: the rows that share
 one read of the weights (`kMaxGroup` in the source). Beyond it XLA's products were
@@ -102,10 +105,10 @@ def _compile(compiler: str, flags: list[str], folder: Path) -> list[Path]:
                    "-c", str(source), "-o", str(target)]
         jobs.append((target, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     errors = []
-    for _, job in jobs:
+    for target, job in jobs:
         _, stderr = job.communicate()
         if job.returncode != 0:
-            errors.append(stderr.strip() or f"{compiler} exited with {job.returncode}")
+            errors.append(f"{target.stem}.cc: " + (stderr.strip() or f"{compiler} exited with {job.returncode}"))
     if errors:
         raise RuntimeError("\n".join(errors)[-2000:])
     return [target for target, _ in jobs]
@@ -137,26 +140,37 @@ def _load() -> bool:
         return False
     compiler = _compiler()
     if compiler is None:
-        _warn("no C++ compiler found (set CXX to one)")
+        _warn("no C++ compiler found; install one or set CXX to one")
         return False
     path = library_path(compiler)
+    # A failed build leaves its messages here, so that later processes do not repeat it.
+    failed = path.with_suffix(".failed")
+    if failed.exists():
+        _warn(f"an earlier build with {compiler} failed (messages in {failed}); fix the compiler "
+              "or set CXX to another, or delete that file to try again")
+        return False
     try:
         if not path.exists():
-            _build(compiler, path)
+            try:
+                _build(compiler, path)
+            except (RuntimeError, OSError) as error:
+                failed.parent.mkdir(parents=True, exist_ok=True)
+                failed.write_text(f"{error}\n")
+                raise
         _library = ctypes.cdll.LoadLibrary(str(path))
-        for name, handler in ((TARGET, _library.SpecjaxRowMatmul),
-                              (QUANTIZED_TARGET, _library.SpecjaxQuantizedRowMatmul)):
-            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        _warn(f"building or loading {path} failed: {error}")
+        for name, symbol in _HANDLERS.items():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(_library, symbol)), platform="cpu")
+    except (OSError, RuntimeError, AttributeError) as error:
+        _warn(f"building or loading {path} with {compiler} failed: {error}; fix the compiler or "
+              "set CXX to another")
         return False
     return True
 
 
 def _warn(reason: str) -> None:
     warnings.warn(
-        f"specjax CPU kernel unavailable, using XLA's products instead: {reason}. "
-        "SPECJAX_CPU_KERNEL=0 skips the kernel and this warning.",
+        f"specjax CPU kernels unavailable, using XLA's products instead: {reason}. "
+        "SPECJAX_CPU_KERNEL=0 skips the kernels and this warning.",
         RuntimeWarning,
         stacklevel=4,
     )

@@ -76,10 +76,10 @@ def _export(function: Callable, tree, leaves, path: Path):
     def flat(*leaves):
         return function(*jax.tree.unflatten(tree, leaves))
 
-    # The CPU kernel's FFI target is registered by `specjax.cpu_kernel` before any
-    # program that calls it is traced or loaded.
-    kernel = jax.export.DisabledSafetyCheck.custom_call(cpu_kernel.TARGET)
-    exported = jax.export.export(jax.jit(flat), disabled_checks=[kernel])(*leaves)
+    # The CPU kernels' FFI targets are registered by `specjax.cpu_kernel` before any
+    # program that calls them is traced or loaded.
+    kernels = [jax.export.DisabledSafetyCheck.custom_call(target) for target in cpu_kernel.TARGETS]
+    exported = jax.export.export(jax.jit(flat), disabled_checks=kernels)(*leaves)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     partial.write_bytes(exported.serialize())

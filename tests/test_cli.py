@@ -128,3 +128,10 @@ def test_model_option_given_a_file(shipped, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--target {file} is a file" in err
     assert "config.json" in err
+
+
+def test_model_option_given_a_folder_without_config(shipped, tmp_path, capsys):
+    assert main(["generate", "ROMEO:", "--draft", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--draft {tmp_path} has no config.json; pass a Hugging Face model folder" in err
+    assert "Traceback" not in err

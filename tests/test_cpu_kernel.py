@@ -125,22 +125,33 @@ def test_turned_off_by_environment(fresh_state, monkeypatch):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU backend only")
 def test_missing_compiler_warns_and_falls_back(fresh_state, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
-    with pytest.warns(RuntimeWarning, match="no C.. compiler found .set CXX"):
+    with pytest.warns(RuntimeWarning, match="no C.. compiler found; install one or set CXX"):
         assert cpu_kernel.available() is False
     assert cpu_kernel.available() is False  # decided once, without a second warning
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU backend only")
 def test_failed_build_warns_and_falls_back(fresh_state, monkeypatch, tmp_path):
-    (tmp_path / "broken.cc").write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_kernel, "SOURCE_DIR", tmp_path)
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    (sources / "broken.cc").write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernel, "SOURCE_DIR", sources)
     compiler = cpu_kernel._compiler()
     if compiler is None:
         pytest.skip("no C++ compiler")
-    with pytest.warns(RuntimeWarning, match="building or loading .* failed") as record:
+    with pytest.warns(RuntimeWarning, match="building or loading .* failed: broken.cc: ") as record:
         assert cpu_kernel.available() is False
     assert "SPECJAX_CPU_KERNEL=0" in str(record[0].message)
-    assert not cpu_kernel.library_path(compiler).exists()
+    assert "set CXX" in str(record[0].message)
+    path = cpu_kernel.library_path(compiler)
+    assert not path.exists()
+    assert "broken.cc" in path.with_suffix(".failed").read_text()
+
+    # A later process does not build again, and says how to retry.
+    monkeypatch.setattr(cpu_kernel, "_state", None)
+    monkeypatch.setattr(cpu_kernel, "_build", lambda *args: pytest.fail("built again"))
+    with pytest.warns(RuntimeWarning, match="earlier build .* failed .* delete that file"):
+        assert cpu_kernel.available() is False
 
 
 @needs_kernel

@@ -10,6 +10,7 @@ import pytest
 
 from generation_helpers import PROMPTS, tiny_config
 from specjax import Model, generate, program_cache
+from specjax.quantized import quantize_model
 
 generate_module = importlib.import_module("specjax.generate")
 
@@ -34,9 +35,15 @@ def cache_folder(tmp_path, monkeypatch):
     program_cache.enable(None)
 
 
-def test_second_call_loads_the_export(cache_folder, monkeypatch):
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_second_call_loads_the_export(cache_folder, monkeypatch, quantize):
+    """Float and quantized programs, whose products may call the CPU kernels, export."""
     target, draft = Model.random(tiny_config(), seed=1), Model.random(tiny_config(), seed=2)
-    first = generate(target, PROMPTS, draft=draft, max_new_tokens=10)
+    if quantize:
+        target = quantize_model(target, quantize, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed export would warn
+        first = generate(target, PROMPTS, draft=draft, max_new_tokens=10)
     files = sorted(cache_folder.glob("*.jaxexport"))
     assert len(files) == 1
 
