@@ -147,7 +147,7 @@ def test_failed_build_warns_and_falls_back(fresh_state, monkeypatch, tmp_path):
     assert not path.exists()
     assert "broken.cc" in path.with_suffix(".failed").read_text()
 
-    # A later process does not build again, and says how to retry.
+    # A later process does not build again, and its warning explains how to retry.
     monkeypatch.setattr(cpu_kernel, "_state", None)
     monkeypatch.setattr(cpu_kernel, "_build", lambda *args: pytest.fail("built again"))
     with pytest.warns(RuntimeWarning, match="earlier build .* failed .* delete that file"):
