@@ -3,11 +3,12 @@
 The sources in `specjax/csrc` (a float32 weight in `row_matmul.cc`, an int4 or int8
 one in `quantized_row_matmul.cc`) are compiled with the machine's C++ compiler for its
 own CPU (`-march=native`) into one library, whose handlers are registered with XLA as
-FFI targets. The library lands in
-$XDG_CACHE_HOME/specjax/kernels (default ~/.cache/specjax/kernels), named by a digest
-of the source, the JAX version, the compiler and the CPU, so later processes load it
-in milliseconds. Without a compiler, or with SPECJAX_CPU_KERNEL=0, `available` returns
-False and models keep XLA's own products.
+FFI targets. The library lands in $XDG_CACHE_HOME/specjax/kernels (default
+~/.cache/specjax/kernels), named by a digest of the sources, the JAX version, the
+compiler and the CPU, so later processes load it in milliseconds. A failed build leaves
+a `.failed` file with the compiler's messages under the same name instead. Without a
+compiler, after a failed build, or with SPECJAX_CPU_KERNEL=0, `available` returns False
+and models keep XLA's own products.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ faster on a 2-core Intel Xeon."""
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 _lock = threading.Lock()
 _state: bool | None = None  # None until the first `available` call
-_library = None  # the loaded library, kept alive with the registered handler
+_library = None  # the loaded library, kept alive with the registered handlers
 
 
 def _cpu_flags() -> str:
@@ -66,7 +67,7 @@ def _compiler() -> str | None:
 
 
 def library_path(compiler: str) -> Path:
-    """Where the library built by `compiler` for this machine and JAX version is kept."""
+    """Return the path of the library that `compiler` builds for this machine and JAX version."""
     digest = hashlib.sha256()
     sources = [path.read_bytes() for path in sorted(SOURCE_DIR.glob("*")) if path.suffix in (".cc", ".h")]
     for part in (*sources, jax.__version__.encode(), compiler.encode(), platform.machine().encode(),
