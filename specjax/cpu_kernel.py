@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -169,11 +170,17 @@ def _load() -> bool:
 
 
 def _warn(reason: str) -> None:
+    # Point the warning at the first caller outside specjax, which may be several
+    # frames up (generate, graph building, the first `available` call).
+    package = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
     warnings.warn(
         f"specjax CPU kernels unavailable, using XLA's products instead: {reason}. "
         "SPECJAX_CPU_KERNEL=0 skips the kernels and this warning.",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=level,
     )
 
 

@@ -125,8 +125,9 @@ def test_turned_off_by_environment(fresh_state, monkeypatch):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU backend only")
 def test_missing_compiler_warns_and_falls_back(fresh_state, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
-    with pytest.warns(RuntimeWarning, match="no C.. compiler found; install one or set CXX"):
+    with pytest.warns(RuntimeWarning, match="no C.. compiler found; install one or set CXX") as record:
         assert cpu_kernel.available() is False
+    assert record[0].filename == __file__  # the caller's line, not one inside specjax
     assert cpu_kernel.available() is False  # decided once, without a second warning
 
 
