@@ -31,8 +31,8 @@ constexpr int64_t kMinSplitBytes = 1 << 18;  // weight bytes worth a second thre
 // (`size` floats), for contiguous parts of the contraction on XLA's threads, and
 // adds the parts into y. Splitting the contraction, rather than the columns, gives
 // each thread a contiguous stretch of the weights, which made 1- and 5-row products
-// faster. The parts and the order of their sum depend on the shapes alone, so every
-// row is summed the same way whatever the number of rows.
+// faster. The parts and the order of their sum depend on the shapes and the thread
+// count alone, so every row is summed the same way whatever the number of rows.
 class SplitContraction {
  public:
   using Part = std::function<void(int64_t k0, int64_t k1, float* out)>;
@@ -68,8 +68,11 @@ class SplitContraction {
   void Work() {
     for (int64_t p; (p = next_.fetch_add(1, std::memory_order_relaxed)) < count_;) {
       float* out = p == 0 ? y_ : partial_.get() + (p - 1) * size_;
-      int64_t k1 = p == count_ - 1 ? k_ : (p + 1) * depth_;  // the last part takes the rest
-      part_(p * depth_, k1, out);
+      // Parts are whole chunks, and the last one takes the rest. With more threads
+      // than chunks per thread, the last parts can start at k and stay empty.
+      int64_t k0 = std::min(k_, p * depth_);
+      int64_t k1 = p == count_ - 1 ? k_ : std::min(k_, (p + 1) * depth_);
+      part_(k0, k1, out);
       done_.fetch_add(1, std::memory_order_release);
     }
   }
