@@ -5,8 +5,8 @@
 Runs three new processes: one with the persistent compilation cache off (cold), one that
 fills an empty cache folder, and one that reuses it (warm). Each reports the seconds of
 its first speculative `generate` call on the shipped pair, compilation included, and
-the part of them spent loading the CPU kernel. The cold process loads the kernel from
-the user's cache folder; the filling one builds it, as the first process on a new
+the part of them spent loading the CPU kernels. The cold process loads the kernels from
+the user's cache folder. The filling one builds them, as the first process on a new
 machine does.
 Writes benchmarks/results/compile_time.json.
 """

@@ -221,13 +221,13 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens, positions, cache:
 
 def with_row_products(graphdef: nnx.GraphDef, params: nnx.State, *, parts: int = 1,
                       kernel: bool = False) -> nnx.GraphDef:
-    """Return `graphdef` with every linear layer set to compute its float32 products of
-    few rows by the CPU kernels (`kernel`, which must be available), and every float
-    `Linear` its other 1-row products in `parts` slices of the input (`parts` 1 and no
-    kernel restore XLA's plain products).
+    """Return `graphdef` with its linear layers set to compute products of few rows differently.
 
-    Only the static graph changes, so `params` still fit it. The products equal the
-    plain ones up to rounding."""
+    With `kernel`, which must be available, every linear layer sends its float32 products
+    of up to `cpu_kernel.MAX_ROWS` rows to the CPU kernels. Every float `Linear` computes
+    its other 1-row products in `parts` slices of the input. `parts` 1 and no kernel
+    restore XLA's plain products. Only the static graph changes, so `params` still fit
+    it. The products equal the plain ones up to rounding."""
     module = nnx.merge(graphdef, params)
     for _, layer in nnx.iter_modules(module):
         if isinstance(layer, Linear):

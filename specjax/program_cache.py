@@ -36,7 +36,7 @@ def _sources() -> str:
     if _source_digest is None:
         digest = hashlib.sha256()
         root = Path(__file__).resolve().parent
-        for path in sorted([*root.rglob("*.py"), *root.rglob("*.cc")]):
+        for path in sorted([*root.rglob("*.py"), *root.rglob("*.cc"), *root.rglob("*.h")]):
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())
         _source_digest = digest.hexdigest()

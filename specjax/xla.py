@@ -69,9 +69,9 @@ def row_parts(params: nnx.State) -> int:
 
 
 def row_products(params: nnx.State) -> tuple[int, bool]:
-    """Return how a model with `params` computes its products of few rows on this backend:
-    (parts, kernel) as `specjax.model.with_row_products` takes them. The CPU kernel
-    where it builds, else `row_parts(params)` slices."""
+    """Return how a model with `params` computes its products of few rows on this backend,
+    as the (parts, kernel) that `specjax.model.with_row_products` takes. The CPU kernels
+    are used where they build, and `row_parts(params)` slices otherwise."""
     if jax.default_backend() != "cpu":
         return 1, False
     if cpu_kernel.available():
@@ -87,7 +87,7 @@ _backend_graphs: dict[int, tuple[nnx.GraphDef, tuple[int, bool], nnx.GraphDef]] 
 
 def graph_for_backend(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef:
     """Return the graph that generation compiles for a model: `graphdef` with its
-    products of few rows computed as `row_products(params)` says."""
+    products of few rows computed as `row_products(params)` returns."""
     from specjax.model import with_row_products
 
     setting = row_products(params)

@@ -42,7 +42,7 @@ def test_kernel_matches_float64_product(rows, k, n):
 
 @needs_kernel
 @pytest.mark.parametrize("k, n", [(384, 1024), (37, 70), (1024, 4096), (1000, 100)])
-def test_each_row_equals_its_one_row_product(k, n):
+def test_rows_match_one_row_products(k, n):
     """A verify forward computes the products that plain decoding computes, bit for bit."""
     rng = np.random.default_rng(k)
     x = rng.standard_normal((cpu_kernel.MAX_ROWS, k), np.float32)
@@ -80,7 +80,7 @@ def test_backend_graph_uses_kernel():
 
 
 @needs_kernel
-def test_greedy_output_with_kernel_equals_xla_products(monkeypatch):
+def test_greedy_output_matches_xla(monkeypatch):
     """Plain and speculative greedy output with the kernel equal plain output with XLA's
     products, and the same comparison catches a kernel that drops part of the sum."""
     target = Model.random(tiny_config(), seed=0)
@@ -173,7 +173,7 @@ def test_library_is_cached_per_source(monkeypatch, tmp_path):
 
 
 @needs_kernel
-def test_compiler_without_native_flags_builds_portable_code(tmp_path):
+def test_build_falls_back_to_portable(tmp_path):
     real = cpu_kernel._compiler()
     compiler = tmp_path / "c++"
     compiler.write_text(
@@ -211,7 +211,7 @@ print("ok")
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [3, 4])
-def test_more_threads_than_parts_of_work(threads):
+def test_more_threads_than_chunks(threads):
     """With 3 or 4 threads, a contraction of 5 or 7 chunks of 16 rows leaves the last
     parts short or empty. PJRT_NPROC sets the size of XLA's CPU thread pool."""
     env = {**os.environ, "PJRT_NPROC": str(threads)}

@@ -49,7 +49,7 @@ def test_kernel_reads_scales_in_half_precision():
     np.testing.assert_allclose(_product(x, weight), expected, rtol=0, atol=1e-3)
 
 
-def test_each_row_equals_its_one_row_product():
+def test_rows_match_one_row_products():
     rng = np.random.default_rng(1)
     weight = quantize(jnp.asarray(rng.standard_normal((1024, 384), np.float32)), 4, 128, symmetric=False)
     x = rng.standard_normal((cpu_kernel.MAX_ROWS, 1024), np.float32)
@@ -67,7 +67,7 @@ def _lowered_text(layer, x):
     return jax.jit(lambda x: layer(x)).lower(x).as_text()
 
 
-def test_quantized_linear_uses_kernel_where_it_applies():
+def test_quantized_linear_kernel_routing():
     layer = _layer()
     x = jax.random.normal(jax.random.key(1), (1, 3, 64))
     expected = layer(x)
@@ -80,7 +80,7 @@ def test_quantized_linear_uses_kernel_where_it_applies():
     assert cpu_kernel.QUANTIZED_TARGET not in _lowered_text(layer, x.astype(jnp.bfloat16))
 
 
-def test_quantized_greedy_output_with_kernel_equals_xla_lowering(monkeypatch):
+def test_quantized_greedy_matches_xla(monkeypatch):
     """An int4 target decodes the same greedy tokens with the kernel as with XLA's
     lowering, plain and speculative. A kernel that drops the offsets fails the comparison."""
     target = quantize_model(Model.random(tiny_config(), seed=0), "int4", 32)

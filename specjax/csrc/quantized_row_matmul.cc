@@ -48,7 +48,7 @@ void Group(const float* __restrict x, int64_t ldx, const int32_t* __restrict pac
     float xs[Rows][kChunk];
     for (int m = 0; m < Rows; ++m)
       for (int r = 0; r < words * kCodes; ++r) xs[m][r] = x[m * ldx + kb + r];
-    const int32_t* rows = packed + (kb / kCodes) * n;
+    const int32_t* chunk_words = packed + (kb / kCodes) * n;
     const float* scale = scales + (kb / group) * n;
     const float* offset = offsets + (kb / group) * n;
     int64_t j = 0;
@@ -57,7 +57,7 @@ void Group(const float* __restrict x, int64_t ldx, const int32_t* __restrict pac
       for (int m = 0; m < Rows; ++m)
         for (int t = 0; t < kQBlock; ++t) acc[m][t] = y[m * n + j + t];
       for (int w = 0; w < words; ++w) {
-        const int32_t* word = rows + w * n + j;
+        const int32_t* word = chunk_words + w * n + j;
         for (int c = 0; c < kCodes; ++c) {
           float weight[kQBlock];
           for (int t = 0; t < kQBlock; ++t)
@@ -73,8 +73,10 @@ void Group(const float* __restrict x, int64_t ldx, const int32_t* __restrict pac
       for (int m = 0; m < Rows; ++m) {
         float sum = y[m * n + j];
         for (int w = 0; w < words; ++w)
-          for (int c = 0; c < kCodes; ++c)
-            sum += xs[m][w * kCodes + c] * Decode<Bits>(rows[w * n + j], c, scale[j], offset[j]);
+          for (int c = 0; c < kCodes; ++c) {
+            float weight = Decode<Bits>(chunk_words[w * n + j], c, scale[j], offset[j]);
+            sum += xs[m][w * kCodes + c] * weight;
+          }
         y[m * n + j] = sum;
       }
   }

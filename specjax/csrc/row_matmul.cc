@@ -6,9 +6,9 @@
 // row once per group of up to 6 input rows, keeps the running sums of a block of
 // columns in vector registers, and splits the contraction over XLA's threads.
 //
-// Every output element is summed in the same order whatever the number of rows, so
-// row i of a many-row product equals the 1-row product of row i bit for bit: a verify
-// forward computes the products that plain decoding would.
+// Every output element is summed in the same order whatever the number of rows. So
+// row i of a many-row product equals the 1-row product of row i bit for bit, and a
+// verify forward computes the products that plain decoding would.
 
 #include <algorithm>
 #include <cstdint>
@@ -66,12 +66,12 @@ using GroupFn = void (*)(const float*, const float*, float*, int64_t, int64_t, i
 constexpr GroupFn kGroups[kMaxGroup + 1] = {nullptr,  Group<1>, Group<2>, Group<3>,
                                             Group<4>, Group<5>, Group<6>};
 
-// y = x[:, k0:k1] @ w[k0:k1, c0:c1] for all rows of x, whose row stride is ldx.
+// y = x[:, k0:k1] @ w[k0:k1, :] for all rows of x, whose row stride is ldx.
 void Product(const float* x, const float* w, float* y, int64_t rows, int64_t ldx, int64_t n,
-             int64_t k0, int64_t k1, int64_t c0, int64_t c1) {
+             int64_t k0, int64_t k1) {
   for (int64_t r = 0; r < rows; r += kMaxGroup) {
     int64_t group = std::min<int64_t>(kMaxGroup, rows - r);
-    kGroups[group](x + r * ldx + k0, w + k0 * n, y + r * n, k1 - k0, ldx, n, c0, c1);
+    kGroups[group](x + r * ldx + k0, w + k0 * n, y + r * n, k1 - k0, ldx, n, 0, n);
   }
 }
 
@@ -85,7 +85,7 @@ ffi::Error RowMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const float* ws = w.typed_data();
   specjax::SplitContraction::Run(pool, k, k * n * 4, rows * n, y->typed_data(),
                                  [=](int64_t k0, int64_t k1, float* out) {
-                                   Product(xs, ws, out, rows, k, n, k0, k1, 0, n);
+                                   Product(xs, ws, out, rows, k, n, k0, k1);
                                  });
   return ffi::Error::Success();
 }
