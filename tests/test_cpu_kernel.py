@@ -2,9 +2,6 @@
 
 import ctypes
 import importlib
-import os
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -188,33 +185,3 @@ def test_build_falls_back_to_portable(tmp_path):
     assert library.SpecjaxRowMatmul
     assert library.SpecjaxQuantizedRowMatmul
     assert [p.name for p in path.parent.iterdir()] == ["row_matmul.so"]  # no scratch files left
-
-
-THREADS_CHILD = """
-import jax, jax.numpy as jnp, numpy as np
-from specjax import cpu_kernel
-from specjax.kernels import dequantize, quantize
-assert cpu_kernel.available()
-rng = np.random.default_rng(0)
-for k in (80, 112, 256):
-    x = rng.standard_normal((3, k), np.float32)
-    w = rng.standard_normal((k, 1024), np.float32)
-    error = np.abs(np.asarray(jax.jit(cpu_kernel.row_matmul)(x, w)) - x.astype(np.float64) @ w).max()
-    assert error < 1e-4, (k, error)
-    q = quantize(jnp.asarray(w), 4, None if k % 32 else 32)
-    got = cpu_kernel.quantized_row_matmul(x, q.packed, q.scales, q.zeros, 4, q.group_size)
-    error = np.abs(np.asarray(got) - x.astype(np.float64) @ np.asarray(dequantize(q), np.float64)).max()
-    assert error < 1e-4, (k, error)
-print("ok")
-"""
-
-
-@needs_kernel
-@pytest.mark.parametrize("threads", [3, 4])
-def test_more_threads_than_chunks(threads):
-    """With 3 or 4 threads, a contraction of 5 or 7 chunks of 16 rows leaves the last
-    parts short or empty. PJRT_NPROC sets the size of XLA's CPU thread pool."""
-    env = {**os.environ, "PJRT_NPROC": str(threads)}
-    out = subprocess.run([sys.executable, "-c", THREADS_CHILD], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "ok"

@@ -4,7 +4,7 @@
 // products at 10 to 30 GFLOP/s, so a verify forward of 5 rows cost nearly twice a
 // 1-row forward although both read the same weights. This kernel reads each weight
 // row once per group of up to 6 input rows, keeps the running sums of a block of
-// columns in vector registers, and splits the contraction over XLA's threads.
+// columns in vector registers, and splits the contraction over threads (rows.h).
 //
 // Every output element is summed in the same order whatever the number of rows. So
 // row i of a many-row product equals the 1-row product of row i bit for bit, and a
