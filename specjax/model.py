@@ -35,6 +35,8 @@ class Linear(nnx.Module):
         kernel = self.kernel[...]
         parts = self.row_parts
         rows = x.size // kernel.shape[0]
+        # NOTE: XLA's dots sum in another order than the kernel, so a verify forward of
+        # more than MAX_ROWS rows can differ from plain decoding's in the last bits.
         if self.row_kernel and rows <= cpu_kernel.MAX_ROWS and x.dtype == kernel.dtype == jnp.float32:
             y = cpu_kernel.row_matmul(x.reshape(rows, -1), kernel).reshape(x.shape[:-1] + (-1,))
         elif parts > 1 and rows == 1 and kernel.shape[0] % parts == 0:

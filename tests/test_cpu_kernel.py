@@ -24,7 +24,7 @@ needs_kernel = pytest.mark.skipif(
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 5, 6])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12])
 # (1000, 100) splits the contraction into parts that end in a partial chunk.
 @pytest.mark.parametrize("k, n", [(384, 1024), (1024, 384), (37, 70), (16, 64), (5, 3), (64, 8192), (1000, 100)])
 def test_kernel_matches_float64_product(rows, k, n):
