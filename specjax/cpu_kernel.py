@@ -33,7 +33,10 @@ TARGET = "specjax_row_matmul"
 """The FFI target of the float32 product, as compiled programs name it."""
 QUANTIZED_TARGET = "specjax_quantized_row_matmul"
 """The FFI target of the quantized product."""
-_HANDLERS = {TARGET: "SpecjaxRowMatmul", QUANTIZED_TARGET: "SpecjaxQuantizedRowMatmul"}
+ATTENTION_TARGET = "specjax_attention"
+"""The FFI target of decode attention over a float32 cache."""
+_HANDLERS = {TARGET: "SpecjaxRowMatmul", QUANTIZED_TARGET: "SpecjaxQuantizedRowMatmul",
+             ATTENTION_TARGET: "SpecjaxAttention"}
 TARGETS = tuple(_HANDLERS)
 """Every FFI target that `available` registers."""
 MAX_ROWS = 12
@@ -201,3 +204,15 @@ def quantized_row_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, zer
     out = jax.ShapeDtypeStruct((x.shape[0], packed.shape[1]), jnp.float32)
     call = jax.ffi.ffi_call(QUANTIZED_TARGET, out)
     return call(x, packed, scales, zero * scales, bits=np.int64(bits), group_size=np.int64(group_size))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+              positions: jax.Array) -> jax.Array:
+    """Attention of new tokens over one layer's float32 cache, as `specjax.model.attend`
+    computes it before writing them; `available()` must be True.
+
+    q (B, T, N, H), k and v (B, T, KV, H), k_cache (B, KV, S, H), v_cache (B, KV, H, S) and
+    positions (B, T) int32. Returns (B, T, N, H). H must be a multiple of 16.
+    """
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(ATTENTION_TARGET, out)(q, k, v, k_cache, v_cache, positions.astype(jnp.int32))

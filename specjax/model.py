@@ -101,13 +101,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attend(q, k, v, k_cache, v_cache, positions):
+def attend(q, k, v, k_cache, v_cache, positions, kernel: bool = False):
     """Compute causal attention of new tokens over one layer's cache, then write them into it.
 
     q (B, T, N, H), k and v (B, T, KV, H); positions (B, T) as `specjax.cache.visible`
-    expects. Returns the output (B, T, N * H) and the updated caches.
+    expects. Returns the output (B, T, N * H) and the updated caches. With `kernel`, float32
+    forwards of up to `cpu_kernel.MAX_ROWS` tokens per row attend in the CPU kernel.
     """
     B, T, N, H = q.shape
+    if kernel and T <= cpu_kernel.MAX_ROWS and H % 16 == 0 and all(
+        a.dtype == jnp.float32 for a in (q, k, v, k_cache, v_cache)
+    ):
+        out = cpu_kernel.attention(q, k, v, k_cache, v_cache, positions)
+        after_reads = 0.0 * out[0, 0, 0, 0]
+        k_cache, v_cache = write(k_cache, v_cache, k + after_reads, v + after_reads, positions)
+        return out.reshape(B, T, N * H), k_cache, v_cache
     kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
     q = q.reshape(B, T, kv_heads, N // kv_heads, H)
     # The cached slots and the new tokens are scored separately and the new entries are
@@ -142,6 +150,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
+        self.attention_kernel = False  # static: whether `attend` may use the CPU kernel
 
     def __call__(self, x, positions, rope, k_cache, v_cache):
         B, T, _ = x.shape
@@ -152,7 +161,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-        out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, positions)
+        out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, positions, self.attention_kernel)
         return self.o_proj(out), k_cache, v_cache
 
 
@@ -226,7 +235,8 @@ def with_row_products(graphdef: nnx.GraphDef, params: nnx.State, *, parts: int =
     """Return `graphdef` with its linear layers set to compute products of few rows differently.
 
     With `kernel`, which must be available, every linear layer sends its float32 products
-    of up to `cpu_kernel.MAX_ROWS` rows to the CPU kernels. Every float `Linear` computes
+    of up to `cpu_kernel.MAX_ROWS` rows to the CPU kernels, and attention over a float32
+    cache for up to as many new tokens per row goes to the attention kernel. Every float `Linear` computes
     its other 1-row products in `parts` slices of the input. `parts` 1 and no kernel
     restore XLA's plain products. Only the static graph changes, so `params` still fit
     it. The products equal the plain ones up to rounding."""
@@ -236,6 +246,8 @@ def with_row_products(graphdef: nnx.GraphDef, params: nnx.State, *, parts: int =
             layer.row_parts = parts
         if hasattr(layer, "row_kernel"):  # `Linear` and `specjax.quantized.QuantizedLinear`
             layer.row_kernel = kernel
+        if isinstance(layer, Attention):
+            layer.attention_kernel = kernel
     return nnx.split(module)[0]
 
 
