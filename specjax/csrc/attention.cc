@@ -45,6 +45,30 @@ float Sum(Vec v) {
   return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
+// Returns the lane sums of 16 vectors, in order: lane i of the result sums parts[i]. Each
+// step adds the upper half of every vector's lanes to the lower half, as a fixed tree, so
+// a score never depends on the other vectors of its block.
+Vec SumEach(const Vec (&parts)[kLanes]) {
+  Vec level[kLanes];
+  for (int i = 0; i < 8; ++i) {
+    const Vec &a = parts[2 * i], &b = parts[2 * i + 1];
+    level[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const Vec &a = level[2 * i], &b = level[2 * i + 1];
+    level[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const Vec &a = level[2 * i], &b = level[2 * i + 1];
+    level[i] = __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(level[0], level[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(level[0], level[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
 // exp(x) for x <= 0, and 0 below -87 (where float32 underflows), from exp(x) =
 // 2^n exp(r) with |r| <= ln(2) / 2 and a degree-6 Taylor polynomial for exp(r), whose
 // error is about one unit in the last place. Written on whole vectors so that it
@@ -69,50 +93,111 @@ Vec Exp(Vec x) {
   return x < -87.0f ? zero : p * scale;
 }
 
-float Dot(const float* a, const float* b, int64_t size) {
-  Vec acc = Vec{};
-  for (int64_t d = 0; d < size; d += kLanes) acc += Load(a + d) * Load(b + d);
-  return Sum(acc);
-}
+// One row's keys and values of one KV head, by position. Positions below `base`, a
+// multiple of kLanes, are read from the cache in place. The rest (the cached positions
+// from `base` on, then the new tokens) come from a small copy.
+struct Sequence {
+  const float* cache_keys;    // (slots, head_dim)
+  const float* cache_values;  // (head_dim, slots)
+  int64_t slots, base, head_dim;
+  std::vector<const float*> tail_keys;  // the key of position base + i
+  std::vector<float> tail_values;       // (head_dim, tail_stride)
+  int64_t tail_stride;
 
-// Computes the attention of one row's queries that share a KV head. `keys[j]` points at
-// the key of position j, and `values` contains the values by position, (head_dim, stride).
-void Group(const float* q, int64_t q_stride, int64_t queries_per_head, const int64_t* lengths,
-           int64_t tokens, const std::vector<const float*>& keys, const float* values,
-           int64_t stride, int64_t head_dim, float* out, int64_t out_stride) {
-  const float root = std::sqrt(static_cast<float>(head_dim));
-  std::vector<float> weights(stride);
-  for (int64_t t = 0; t < tokens; ++t) {
-    int64_t length = lengths[t];
-    int64_t padded = (length + kLanes - 1) / kLanes * kLanes;
-    for (int64_t g = 0; g < queries_per_head; ++g) {
-      const float* query = q + t * q_stride + g * head_dim;
-      float largest = -INFINITY;
-      for (int64_t j = 0; j < length; ++j) {
-        float score = Dot(query, keys[j], head_dim) / root;
-        weights[j] = score;
-        largest = std::max(largest, score);
-      }
-      std::fill(weights.begin() + length, weights.begin() + padded, -INFINITY);
-      Vec total = Vec{};
-      for (int64_t j = 0; j < padded; j += kLanes) {
-        Vec w = Exp(Load(&weights[j]) - largest);
-        Store(&weights[j], w);
-        total += w;
-      }
-      float sum = Sum(total);
-      for (int64_t j = 0; j < padded; j += kLanes) Store(&weights[j], Load(&weights[j]) / sum);
-      // Four value rows at a time share each load of the weights.
-      float* result = out + t * out_stride + g * head_dim;
-      for (int64_t h = 0; h < head_dim; h += 4) {
-        Vec acc[4] = {};
-        for (int64_t j = 0; j < padded; j += kLanes) {
-          Vec w = Load(&weights[j]);
-          for (int i = 0; i < 4; ++i) acc[i] += w * Load(values + (h + i) * stride + j);
-        }
-        for (int i = 0; i < 4; ++i) result[h + i] = Sum(acc[i]);
+  const float* Key(int64_t j) const { return j < base ? cache_keys + j * head_dim : tail_keys[j - base]; }
+};
+
+constexpr int kQueryBlock = 6;
+
+// outs[q][h] = sum over j of weights[q * padded + j] * value(h, j), for NQ queries.
+template <int NQ>
+void ValueBlock(const Sequence& seq, const float* weights, int64_t padded, float* const* outs) {
+  for (int64_t h = 0; h < seq.head_dim; h += 4) {
+    Vec acc[NQ][4] = {};
+    const float* cached = seq.cache_values + h * seq.slots;
+    const float* copied = seq.tail_values.data() + h * seq.tail_stride - seq.base;
+    for (int64_t j = 0; j < padded; j += kLanes) {
+      const float* rows = j < seq.base ? cached + j : copied + j;
+      int64_t step = j < seq.base ? seq.slots : seq.tail_stride;
+      Vec value[4];
+      for (int r = 0; r < 4; ++r) value[r] = Load(rows + r * step);
+      for (int q = 0; q < NQ; ++q) {
+        Vec w = Load(weights + q * padded + j);
+        for (int r = 0; r < 4; ++r) acc[q][r] += w * value[r];
       }
     }
+    for (int q = 0; q < NQ; ++q)
+      for (int r = 0; r < 4; ++r) outs[q][h + r] = Sum(acc[q][r]);
+  }
+}
+
+using ValueFn = void (*)(const Sequence&, const float*, int64_t, float* const*);
+constexpr ValueFn kValueBlocks[kQueryBlock + 1] = {nullptr,        ValueBlock<1>, ValueBlock<2>,
+                                                   ValueBlock<3>, ValueBlock<4>, ValueBlock<5>,
+                                                   ValueBlock<6>};
+
+// Computes the attention of one row's queries that share a KV head: `group` heads for
+// each of `tokens` tokens, `token_stride` floats apart in q and out. Query i, head i % group
+// of token i / group, attends to positions 0 .. lengths[i] - 1.
+void Attend(const Sequence& seq, const float* q, float* out, int64_t tokens, int64_t group,
+            int64_t token_stride, const int64_t* lengths) {
+  const int64_t head_dim = seq.head_dim, chunks = head_dim / kLanes;
+  const int64_t queries = tokens * group;
+  std::vector<const float*> query_of(queries);
+  std::vector<float*> out_of(queries);
+  for (int64_t i = 0; i < queries; ++i) {
+    int64_t at = i / group * token_stride + i % group * head_dim;
+    query_of[i] = q + at;
+    out_of[i] = out + at;
+  }
+  const float root = std::sqrt(static_cast<float>(head_dim));
+  int64_t longest = *std::max_element(lengths, lengths + queries);
+  int64_t padded = (longest + kLanes - 1) / kLanes * kLanes;
+  std::vector<float> scores(queries * padded);
+  std::vector<Vec> parts(queries * kLanes);
+  std::vector<float> zeros(head_dim, 0.0f);
+  // Scores, 16 keys at a time: each key's products with a query land in the lanes of one
+  // vector, every query reusing the key's loads, and SumEach adds the lanes of 16 keys.
+  for (int64_t j = 0; j < padded; j += kLanes) {
+    for (int key = 0; key < kLanes; ++key) {
+      const float* k = j + key < longest ? seq.Key(j + key) : zeros.data();
+      for (int64_t i = 0; i < queries; ++i) {
+        const float* query = query_of[i];
+        Vec acc = Load(query) * Load(k);
+        for (int64_t c = 1; c < chunks; ++c) acc += Load(query + c * kLanes) * Load(k + c * kLanes);
+        parts[i * kLanes + key] = acc;
+      }
+    }
+    for (int64_t i = 0; i < queries; ++i) {
+      const Vec(&block)[kLanes] = *reinterpret_cast<const Vec(*)[kLanes]>(&parts[i * kLanes]);
+      Store(&scores[i * padded + j], SumEach(block) / root);
+    }
+  }
+  // Softmax per query over its own length, where the padding weighs zero.
+  for (int64_t i = 0; i < queries; ++i) {
+    float* weights = &scores[i * padded];
+    std::fill(weights + lengths[i], weights + padded, -INFINITY);
+    Vec peak = Vec{} - INFINITY;
+    for (int64_t j = 0; j < padded; j += kLanes) {
+      Vec w = Load(weights + j);
+      peak = w > peak ? w : peak;
+    }
+    float largest = peak[0];
+    for (int l = 1; l < kLanes; ++l) largest = std::max(largest, peak[l]);
+    Vec total = Vec{};
+    for (int64_t j = 0; j < padded; j += kLanes) {
+      Vec w = Exp(Load(weights + j) - largest);
+      Store(weights + j, w);
+      total += w;
+    }
+    float sum = Sum(total);
+    for (int64_t j = 0; j < padded; j += kLanes) Store(weights + j, Load(weights + j) / sum);
+  }
+  // Values: up to kQueryBlock queries and 4 value rows at a time keep their sums in
+  // registers. Blocks below `base` come from the cache and the rest from the copy.
+  for (int64_t i = 0; i < queries; i += kQueryBlock) {
+    int64_t count = std::min<int64_t>(kQueryBlock, queries - i);
+    kValueBlocks[count](seq, &scores[i * padded], padded, &out_of[i]);
   }
 }
 
@@ -130,14 +215,15 @@ ffi::Error Attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buff
       head_dim % kLanes || positions.dimensions()[0] != batch || positions.dimensions()[1] != tokens)
     return ffi::Error::InvalidArgument("attention: operand shapes do not match");
   const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
-  const float *kc = k_cache.typed_data(), *vc = v_cache.typed_data();
+  const float* kc = k_cache.typed_data();
+  const float* vc = v_cache.typed_data();
   const int32_t* pos = positions.typed_data();
   float* result = out->typed_data();
   int64_t group = heads / kv_heads;
 
-  std::vector<int64_t> fresh, lengths(tokens);
-  std::vector<const float*> keys;
-  std::vector<float> values;
+  std::vector<int64_t> fresh, lengths(tokens * group);
+  Sequence seq;
+  seq.slots = slots, seq.head_dim = head_dim;
   for (int64_t b = 0; b < batch; ++b) {
     const int32_t* row = pos + b * tokens;
     int64_t cached = std::clamp<int64_t>(row[0], 0, slots);
@@ -149,25 +235,29 @@ ffi::Error Attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buff
     for (int64_t t = 0; t < tokens; ++t) {
       int64_t seen = 0;
       while (seen < static_cast<int64_t>(fresh.size()) && row[fresh[seen]] <= row[t]) ++seen;
-      lengths[t] = cached + seen;
+      std::fill(lengths.begin() + t * group, lengths.begin() + (t + 1) * group, cached + seen);
     }
-    int64_t total = cached + fresh.size();
-    int64_t stride = (total + kLanes - 1) / kLanes * kLanes;
+    seq.base = cached / kLanes * kLanes;
+    int64_t tail = cached - seq.base + fresh.size();
+    seq.tail_stride = (tail + kLanes - 1) / kLanes * kLanes;
     for (int64_t g = 0; g < kv_heads; ++g) {
-      keys.resize(total);
-      for (int64_t j = 0; j < cached; ++j) keys[j] = kc + ((b * kv_heads + g) * slots + j) * head_dim;
-      for (size_t i = 0; i < fresh.size(); ++i)
-        keys[cached + i] = ks + ((b * tokens + fresh[i]) * kv_heads + g) * head_dim;
-      values.assign(head_dim * stride, 0.0f);
-      for (int64_t h = 0; h < head_dim; ++h) {
-        const float* from = vc + ((b * kv_heads + g) * head_dim + h) * slots;
-        std::copy(from, from + cached, values.begin() + h * stride);
-        for (size_t i = 0; i < fresh.size(); ++i)
-          values[h * stride + cached + i] = vs[((b * tokens + fresh[i]) * kv_heads + g) * head_dim + h];
+      seq.cache_keys = kc + (b * kv_heads + g) * slots * head_dim;
+      seq.cache_values = vc + (b * kv_heads + g) * head_dim * slots;
+      seq.tail_keys.resize(tail);
+      seq.tail_values.assign(head_dim * seq.tail_stride, 0.0f);
+      for (int64_t j = seq.base; j < cached; ++j) {
+        seq.tail_keys[j - seq.base] = seq.cache_keys + j * head_dim;
+        for (int64_t h = 0; h < head_dim; ++h)
+          seq.tail_values[h * seq.tail_stride + j - seq.base] = seq.cache_values[h * slots + j];
       }
-      Group(qs + (b * tokens * heads + g * group) * head_dim, heads * head_dim, group, lengths.data(),
-            tokens, keys, values.data(), stride, head_dim,
-            result + (b * tokens * heads + g * group) * head_dim, heads * head_dim);
+      for (size_t i = 0; i < fresh.size(); ++i) {
+        int64_t at = ((b * tokens + fresh[i]) * kv_heads + g) * head_dim;
+        seq.tail_keys[cached - seq.base + i] = ks + at;
+        for (int64_t h = 0; h < head_dim; ++h)
+          seq.tail_values[h * seq.tail_stride + cached - seq.base + i] = vs[at + h];
+      }
+      int64_t first = (b * tokens * heads + g * group) * head_dim;
+      Attend(seq, qs + first, result + first, tokens, group, heads * head_dim, lengths.data());
     }
   }
   return ffi::Error::Success();
