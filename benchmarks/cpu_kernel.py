@@ -4,7 +4,8 @@
 
 Six contestants, greedy, batch 1: plain decoding, speculative decoding with fixed K, and
 plain decoding of the target quantized to int4, each with the kernels and with XLA's
-products (the split 1-row products for float32, the blocked lowering for int4). Every
+products and attention (the split 1-row products for float32, the blocked lowering for
+int4). Every
 round runs each contestant once, starting with the next one, and the ratios are medians
 of each round's ratio. Writes benchmarks/results/cpu_kernel.json.
 """
