@@ -1,4 +1,4 @@
-"""The CPU kernels' threads: parts of a product taken by spinning helpers or the caller.
+"""The CPU kernels' threads: parts of a kernel call taken by spinning helpers or the caller.
 
 The parts and the order of their sum do not depend on which thread computes a part,
 so a repeated call must return the same bits as the first.
@@ -25,14 +25,22 @@ needs_kernel = pytest.mark.skipif(
 
 
 def _products(seed):
-    """A float32 and an int4 product of 3 rows, jitted, with their inputs."""
+    """Three kernel calls on x, jitted: a float32 and an int4 product of 3 rows, and
+    attention of 3 new tokens of 2 rows over a cache of 64 slots. Returns x and them."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((3, 384), np.float32)
     w = rng.standard_normal((384, 1024), np.float32)
     q = quantize(jnp.asarray(w), 4, 128)
     float_product = jax.jit(lambda x: cpu_kernel.row_matmul(x, w))
     int4_product = jax.jit(lambda x: cpu_kernel.quantized_row_matmul(x, q.packed, q.scales, q.zeros, 4, 128))
-    return x, float_product, int4_product
+    k, v = (rng.standard_normal((2, 3, 2, 64), np.float32) for _ in range(2))
+    k_cache = rng.standard_normal((2, 2, 64, 64), np.float32)
+    v_cache = rng.standard_normal((2, 2, 64, 64), np.float32)
+    positions = np.asarray([[40, 41, 42], [7, 8, 9]], np.int32)
+    attention = jax.jit(
+        lambda x: cpu_kernel.attention(jnp.resize(x, (2, 3, 4, 64)), k, v, k_cache, v_cache, positions)
+    )
+    return x, float_product, int4_product, attention
 
 
 @needs_kernel
@@ -40,14 +48,15 @@ def test_concurrent_calls_match():
     """Programs run from several Python threads at once call the kernels concurrently:
     one call has the helpers and the others compute all their parts themselves."""
     cases = [_products(seed) for seed in range(4)]
-    expected = [(np.asarray(f(x)), np.asarray(g(x))) for x, f, g in cases]
+    expected = [[np.asarray(call(x)) for call in calls] for x, *calls in cases]
     failures = []
 
     def run(index):
-        x, f, g = cases[index]
+        x, *calls = cases[index]
         for _ in range(40):
-            if not (np.array_equal(f(x), expected[index][0]) and np.array_equal(g(x), expected[index][1])):
-                failures.append(index)
+            for call, first in zip(calls, expected[index]):
+                if not np.array_equal(call(x), first):
+                    failures.append(index)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
     for thread in threads:
@@ -59,14 +68,14 @@ def test_concurrent_calls_match():
 
 @needs_kernel
 def test_calls_after_helpers_sleep():
-    """Helpers sleep after 200 us without work. The next product wakes them, and its
+    """Helpers sleep after 200 us without work. The next kernel call wakes them, and its
     caller computes the parts that they have not started."""
-    x, f, g = _products(7)
-    first = np.asarray(f(x)), np.asarray(g(x))
+    x, *calls = _products(7)
+    first = [np.asarray(call(x)) for call in calls]
     for _ in range(5):
         time.sleep(0.01)
-        np.testing.assert_array_equal(np.asarray(f(x)), first[0])
-        np.testing.assert_array_equal(np.asarray(g(x)), first[1])
+        for call, expected in zip(calls, first):
+            np.testing.assert_array_equal(np.asarray(call(x)), expected)
 
 
 THREADS_CHILD = """

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <vector>
 
+#include "rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -207,9 +208,51 @@ void Attend(const Sequence& seq, const float* q, float* out, int64_t tokens, int
   }
 }
 
-ffi::Error Attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                     ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
-                     ffi::Buffer<ffi::S32> positions, ffi::ResultBuffer<ffi::F32> out) {
+// Computes the attention of row b's queries that share KV head g.
+void AttendHead(const float* qs, const float* ks, const float* vs, const float* kc,
+                const float* vc, const int32_t* pos, float* result, int64_t b, int64_t g,
+                int64_t tokens, int64_t heads, int64_t kv_heads, int64_t slots, int64_t head_dim) {
+  const int32_t* row = pos + b * tokens;
+  int64_t group = heads / kv_heads;
+  int64_t cached = std::clamp<int64_t>(row[0], 0, slots);
+  // New tokens at a position not seen before in this forward. Rows padded by repeating
+  // their last position feed that position once.
+  std::vector<int64_t> fresh, lengths(tokens * group);
+  for (int64_t t = 0; t < tokens; ++t)
+    if (t == 0 || row[t] != row[t - 1]) fresh.push_back(t);
+  for (int64_t t = 0; t < tokens; ++t) {
+    int64_t seen = 0;
+    while (seen < static_cast<int64_t>(fresh.size()) && row[fresh[seen]] <= row[t]) ++seen;
+    std::fill(lengths.begin() + t * group, lengths.begin() + (t + 1) * group, cached + seen);
+  }
+  Sequence seq;
+  seq.slots = slots, seq.head_dim = head_dim;
+  seq.base = cached / kLanes * kLanes;
+  int64_t tail = cached - seq.base + fresh.size();
+  seq.tail_stride = (tail + kLanes - 1) / kLanes * kLanes;
+  seq.cache_keys = kc + (b * kv_heads + g) * slots * head_dim;
+  seq.cache_values = vc + (b * kv_heads + g) * head_dim * slots;
+  seq.tail_keys.resize(tail);
+  seq.tail_values.assign(head_dim * seq.tail_stride, 0.0f);
+  for (int64_t j = seq.base; j < cached; ++j) {
+    seq.tail_keys[j - seq.base] = seq.cache_keys + j * head_dim;
+    for (int64_t h = 0; h < head_dim; ++h)
+      seq.tail_values[h * seq.tail_stride + j - seq.base] = seq.cache_values[h * slots + j];
+  }
+  for (size_t i = 0; i < fresh.size(); ++i) {
+    int64_t at = ((b * tokens + fresh[i]) * kv_heads + g) * head_dim;
+    seq.tail_keys[cached - seq.base + i] = ks + at;
+    for (int64_t h = 0; h < head_dim; ++h)
+      seq.tail_values[h * seq.tail_stride + cached - seq.base + i] = vs[at + h];
+  }
+  int64_t first = (b * tokens * heads + g * group) * head_dim;
+  Attend(seq, qs + first, result + first, tokens, group, heads * head_dim, lengths.data());
+}
+
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> k_cache,
+                     ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> positions,
+                     ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions(), kd = k.dimensions(), cd = k_cache.dimensions(), vd = v_cache.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || cd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("attention expects 4-D q, k, v and caches");
@@ -221,51 +264,19 @@ ffi::Error Attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buff
       head_dim % kLanes || positions.dimensions()[0] != batch || positions.dimensions()[1] != tokens)
     return ffi::Error::InvalidArgument("attention: operand shapes do not match");
   const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
-  const float* kc = k_cache.typed_data();
-  const float* vc = v_cache.typed_data();
+  const float *kc = k_cache.typed_data(), *vc = v_cache.typed_data();
   const int32_t* pos = positions.typed_data();
   float* result = out->typed_data();
-  int64_t group = heads / kv_heads;
-
-  std::vector<int64_t> fresh, lengths(tokens * group);
-  Sequence seq;
-  seq.slots = slots, seq.head_dim = head_dim;
-  for (int64_t b = 0; b < batch; ++b) {
-    const int32_t* row = pos + b * tokens;
-    int64_t cached = std::clamp<int64_t>(row[0], 0, slots);
-    // New tokens at a position not seen before in this forward. Rows padded by repeating
-    // their last position feed that position once.
-    fresh.clear();
-    for (int64_t t = 0; t < tokens; ++t)
-      if (t == 0 || row[t] != row[t - 1]) fresh.push_back(t);
-    for (int64_t t = 0; t < tokens; ++t) {
-      int64_t seen = 0;
-      while (seen < static_cast<int64_t>(fresh.size()) && row[fresh[seen]] <= row[t]) ++seen;
-      std::fill(lengths.begin() + t * group, lengths.begin() + (t + 1) * group, cached + seen);
-    }
-    seq.base = cached / kLanes * kLanes;
-    int64_t tail = cached - seq.base + fresh.size();
-    seq.tail_stride = (tail + kLanes - 1) / kLanes * kLanes;
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      seq.cache_keys = kc + (b * kv_heads + g) * slots * head_dim;
-      seq.cache_values = vc + (b * kv_heads + g) * head_dim * slots;
-      seq.tail_keys.resize(tail);
-      seq.tail_values.assign(head_dim * seq.tail_stride, 0.0f);
-      for (int64_t j = seq.base; j < cached; ++j) {
-        seq.tail_keys[j - seq.base] = seq.cache_keys + j * head_dim;
-        for (int64_t h = 0; h < head_dim; ++h)
-          seq.tail_values[h * seq.tail_stride + j - seq.base] = seq.cache_values[h * slots + j];
-      }
-      for (size_t i = 0; i < fresh.size(); ++i) {
-        int64_t at = ((b * tokens + fresh[i]) * kv_heads + g) * head_dim;
-        seq.tail_keys[cached - seq.base + i] = ks + at;
-        for (int64_t h = 0; h < head_dim; ++h)
-          seq.tail_values[h * seq.tail_stride + cached - seq.base + i] = vs[at + h];
-      }
-      int64_t first = (b * tokens * heads + g * group) * head_dim;
-      Attend(seq, qs + first, result + first, tokens, group, heads * head_dim, lengths.data());
-    }
-  }
+  // Each row and KV head is one part, computed whole by one thread, so the result does
+  // not depend on which thread takes it.
+  specjax::Helpers::Job job;
+  job.count = batch * kv_heads;
+  job.run = [&](int64_t part) {
+    AttendHead(qs, ks, vs, kc, vc, pos, result, part / kv_heads, part % kv_heads, tokens, heads,
+               kv_heads, slots, head_dim);
+  };
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  specjax::Helpers::Get(threads - 1).Run(job);
   return ffi::Error::Success();
 }
 
@@ -273,6 +284,7 @@ ffi::Error Attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buff
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxAttention, Attention,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
