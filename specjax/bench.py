@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from specjax.arguments import integer
+
 PROMPT = "ROMEO:\n"
 
 
@@ -136,10 +138,10 @@ def add_parser(commands) -> None:
     bench = commands.add_parser("bench", help="measure speculative against plain decoding on this machine")
     bench.add_argument("--target", type=Path, help="target model folder (default: the shipped target)")
     bench.add_argument("--draft", type=Path, help="draft model folder (default: the shipped draft)")
-    bench.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default 128)")
-    bench.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6], help="draft lengths K to try (default 2 4 6)")
-    bench.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8], help="batch sizes (default 1 4 8)")
-    bench.add_argument("--repeats", type=int, default=2, help="timed calls per setting (default 2)")
+    bench.add_argument("--max-new-tokens", type=integer, default=128, help="tokens per generation (default 128)")
+    bench.add_argument("--ks", type=integer, nargs="+", default=[2, 4, 6], help="draft lengths K to try (default 2 4 6)")
+    bench.add_argument("--batches", type=integer, nargs="+", default=[1, 4, 8], help="batch sizes (default 1 4 8)")
+    bench.add_argument("--repeats", type=integer, default=2, help="timed calls per setting (default 2)")
 
 
 def validate(args: argparse.Namespace) -> None:

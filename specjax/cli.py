@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from specjax.arguments import integer, number, positive_integer
+
 DEFAULT_PROMPT = "ROMEO:"
 
 
@@ -40,16 +42,6 @@ def enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
-
-
 def _group_size(text: str) -> int | str:
     """Parse --group-size: 32, 64 or 128 rows per scale, or "channel" for one scale per column."""
     from specjax.kernels.formats import SUPPORTED_GROUP_SIZES
@@ -72,20 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--target", type=Path, help="target model folder (default: the shipped target)")
     gen.add_argument("--draft", type=Path, help="draft model folder (default: the shipped draft, unless --target is given)")
     gen.add_argument("--no-draft", action="store_true", help="plain decoding with the target alone")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate at most (default 64)")
-    gen.add_argument("--num-draft-tokens", type=int, default=4, help="maximum draft tokens per step, K (default 4)")
+    gen.add_argument("--max-new-tokens", type=positive_integer, default=64, help="tokens to generate at most (default 64)")
+    gen.add_argument("--num-draft-tokens", type=integer, default=4, help="maximum draft tokens per step, K (default 4)")
     gen.add_argument("--fixed-k", action="store_true",
                      help="draft K tokens every step instead of adapting the number to the acceptance rate")
-    gen.add_argument("--min-acceptance", type=float, default=0.4,
+    gen.add_argument("--min-acceptance", type=number, default=0.4,
                      help="pause drafting while the acceptance rate is below this (default 0.4; 0 never pauses)")
-    gen.add_argument("--confidence-threshold", type=float, default=0.0,
+    gen.add_argument("--confidence-threshold", type=number, default=0.0,
                      help="stop a row's drafts after a token whose draft probability is below this "
                           "(default 0: off)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables (default)")
-    gen.add_argument("--top-p", type=float, default=1.0,
+    gen.add_argument("--temperature", type=number, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    gen.add_argument("--top-k", type=integer, default=0, help="keep the k most likely tokens; 0 disables (default)")
+    gen.add_argument("--top-p", type=number, default=1.0,
                      help="keep the smallest set of tokens with this mass; 1 disables (default)")
-    gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    gen.add_argument("--seed", type=integer, default=0, help="random seed for sampling (default 0)")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default float32 on CPU)")
     gen.add_argument("--quantize", choices=["int4", "int8"],
                      help="quantize the linear layers of target and draft at load time by rounding to nearest")
@@ -129,6 +121,9 @@ def run_generate(args: argparse.Namespace) -> int:
     # Check the settings before the slow model load, so a typo fails at once.
     validate_settings(args.max_new_tokens, args.num_draft_tokens, args.temperature, args.top_k, args.top_p)
     validate_draft_settings(not args.fixed_k, args.confidence_threshold, args.min_acceptance)
+    if args.temperature == 0 and (args.top_k or args.top_p != 1.0):
+        print("note: --top-k and --top-p apply only when sampling; with --temperature 0 the output "
+              "is greedy", file=sys.stderr)
     target_dir = args.target or models / "shakespeare-target"
     draft_dir = args.draft
     if draft_dir is None and args.target is None and not args.no_draft:

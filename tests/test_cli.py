@@ -75,6 +75,29 @@ def test_bad_argument_exits_without_traceback(shipped):
     assert "Traceback" not in process.stderr
 
 
+@pytest.mark.parametrize(
+    "option, value, problem, fix",
+    [
+        ("--temperature", "hot", "'hot' is not a number", "pass a decimal such as 0.8"),
+        ("--seed", "x", "'x' is not an integer", "pass a whole number such as 4"),
+        ("--max-new-tokens", "0", "0 is not >= 1", "pass a whole number of at least 1"),
+    ],
+)
+def test_option_type_error_names_fix(capsys, option, value, problem, fix):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "ROMEO:", option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {problem}; {fix}" in err
+
+
+def test_greedy_notes_unused_top_p(shipped, capsys):
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "4", "--top-p", "0.5"]) == 0
+    assert "--top-k and --top-p apply only when sampling" in capsys.readouterr().err
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "4"]) == 0
+    assert "apply only when sampling" not in capsys.readouterr().err
+
+
 def test_settings_checked_before_loading(monkeypatch, capsys):
     monkeypatch.setenv("SPECJAX_MODELS", "/nonexistent/models")
     assert main(["generate", "ROMEO:", "--top-p", "0"]) == 2
