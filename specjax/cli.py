@@ -56,8 +56,16 @@ def _group_size(text: str) -> int | str:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors take one line, in the form of specjax's other errors.
+    Its subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"specjax: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specjax", description="Lossless speculative decoding in JAX.")
+    parser = _Parser(prog="specjax", description="Lossless speculative decoding in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate text, speculatively by default")
     gen.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help=f"prompt text (default {DEFAULT_PROMPT!r})")

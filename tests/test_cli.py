@@ -89,6 +89,8 @@ def test_option_type_error_names_fix(capsys, option, value, problem, fix):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}: {problem}; {fix}" in err
+    assert err.startswith("specjax: error: ")
+    assert len(err.strip().splitlines()) == 1  # no usage block before it
 
 
 def test_greedy_notes_unused_top_p(shipped, capsys):
