@@ -109,13 +109,22 @@ def attend(q, k, v, k_cache, v_cache, positions, kernel: bool = False):
     forwards of up to `cpu_kernel.MAX_ROWS` tokens per row attend in the CPU kernel.
     """
     B, T, N, H = q.shape
-    if kernel and T <= cpu_kernel.MAX_ROWS and H % 16 == 0 and all(
-        a.dtype == jnp.float32 for a in (q, k, v, k_cache, v_cache)
-    ):
+    arrays = (q, k, v, k_cache, v_cache)
+    if kernel and T <= cpu_kernel.MAX_ROWS and H % 16 == 0 and all(a.dtype == jnp.float32 for a in arrays):
         out = cpu_kernel.attention(q, k, v, k_cache, v_cache, positions)
-        after_reads = 0.0 * out[0, 0, 0, 0]
-        k_cache, v_cache = write(k_cache, v_cache, k + after_reads, v + after_reads, positions)
-        return out.reshape(B, T, N * H), k_cache, v_cache
+    else:
+        out = _xla_attention(q, k, v, k_cache, v_cache, positions)
+    # Inside a loop, XLA copies the whole cache unless its update is ordered after the
+    # reads above. A zero term computed from their result orders it, which an
+    # optimization barrier did not. `out` averages values, so the term is a finite zero.
+    after_reads = 0.0 * out.reshape(-1)[0]
+    k_cache, v_cache = write(k_cache, v_cache, k + after_reads, v + after_reads, positions)
+    return out.reshape(B, T, N * H), k_cache, v_cache
+
+
+def _xla_attention(q, k, v, k_cache, v_cache, positions):
+    """Return the attention output (B, T, KV, N // KV, H) computed with XLA's operations."""
+    B, T, N, H = q.shape
     kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
     q = q.reshape(B, T, kv_heads, N // kv_heads, H)
     # The cached slots and the new tokens are scored separately and the new entries are
@@ -128,13 +137,7 @@ def attend(q, k, v, k_cache, v_cache, positions, kernel: bool = False):
     weights = jax.nn.softmax(jnp.where(mask[:, None, None], scores, -jnp.inf), axis=-1)
     weights = weights.astype(v_cache.dtype)
     out = jnp.einsum("BKGTS,BKHS->BTKGH", weights[..., :slots], v_cache)
-    out = out + jnp.einsum("BKGTU,BUKH->BTKGH", weights[..., slots:], v.astype(v_cache.dtype))
-    # Inside a loop, XLA copies the whole cache unless its update is ordered after the
-    # reads above. A zero term computed from their result orders it, which an
-    # optimization barrier did not. `out` averages values, so the term is a finite zero.
-    after_reads = 0.0 * out[0, 0, 0, 0, 0]
-    k_cache, v_cache = write(k_cache, v_cache, k + after_reads, v + after_reads, positions)
-    return out.reshape(B, T, N * H), k_cache, v_cache
+    return out + jnp.einsum("BKGTU,BUKH->BTKGH", weights[..., slots:], v.astype(v_cache.dtype))
 
 
 class Attention(nnx.Module):

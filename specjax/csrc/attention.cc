@@ -53,8 +53,8 @@ float Sum(Vec v) {
 }
 
 // Returns the lane sums of 16 vectors, in order: lane i of the result sums parts[i]. Each
-// step adds the upper half of every vector's lanes to the lower half, as a fixed tree, so
-// a score never depends on the other vectors of its block.
+// level pairs the vectors up and adds every vector's upper lanes to its lower ones. The
+// order is thus a fixed tree, and a score never depends on the other keys of its block.
 Vec SumEach(const Vec (&parts)[kLanes]) {
   Vec level[kLanes];
   for (int i = 0; i < 8; ++i) {
@@ -76,10 +76,9 @@ Vec SumEach(const Vec (&parts)[kLanes]) {
          SHUFFLE(level[0], level[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-// exp(x) for x <= 0, and 0 below -87 (where float32 underflows), from exp(x) =
-// 2^n exp(r) with |r| <= ln(2) / 2 and a degree-6 Taylor polynomial for exp(r), whose
-// error is about one unit in the last place. Written on whole vectors so that it
-// vectorizes on every CPU.
+// Returns exp(x) for x <= 0, and 0 below -87 (where float32 underflows), as 2^n exp(r)
+// with |r| <= ln(2) / 2 and a degree-6 Taylor polynomial for exp(r). Its error is an
+// estimated one unit in the last place. Written on whole vectors, so it vectorizes on any CPU.
 Vec Exp(Vec x) {
   const Vec zero = Vec{} + 0.0f;
   Vec clamped = x < -87.0f ? zero - 87.0f : x;

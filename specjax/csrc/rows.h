@@ -54,10 +54,11 @@ class Helpers {
   }
 
   // Runs parts 0 .. job.count - 1 of `job`, taking parts in the calling thread too,
-  // and returns once every part has finished and no helper still reads `job`. A call
-  // made while another one runs takes every part itself.
+  // and returns once every part has finished and no helper still reads `job`. A job of
+  // one part, or one that arrives while another runs, is computed by its caller alone.
   void Run(Job& job) {
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    std::unique_lock<std::mutex> busy;
+    if (job.count > 1) busy = std::unique_lock<std::mutex>(busy_, std::try_to_lock);
     if (!busy.owns_lock()) {
       Work(job);
       return;
