@@ -28,9 +28,10 @@ def _forward_loop(model, batch: int, tokens: int, context: int, repeats: int):
 
     from specjax.cache import init_cache
     from specjax.model import forward
-    from specjax.xla import compile_program, graph_for_backend
+    from specjax.xla import compile_program, graph_for_backend, params_for_backend
 
     graphdef = graph_for_backend(model.graphdef, model.params)
+    params = params_for_backend(model.graphdef, model.params)
 
     def loop(params, ids, positions, cache):
         def body(_, carry):
@@ -43,7 +44,7 @@ def _forward_loop(model, batch: int, tokens: int, context: int, repeats: int):
     cache = init_cache(model.config, batch, context + tokens, model.dtype)
     ids = jnp.ones((batch, tokens), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(context, context + tokens, dtype=jnp.int32), (batch, tokens))
-    args = (model.params, ids, positions, cache)
+    args = (params, ids, positions, cache)
     return compile_program(jax.jit(loop).lower(*args), batch), args
 
 

@@ -1,7 +1,8 @@
 """CPU kernels for products of a few float32 rows, built from C++ on first use.
 
-The sources in `specjax/csrc` (a float32 weight in `row_matmul.cc`, an int4 or int8
-one in `quantized_row_matmul.cc`) are compiled with the machine's C++ compiler for its
+The sources in `specjax/csrc` (a float32 weight in `row_matmul.cc`, a float32 weight in
+the packed layout of `pack` in `packed_matmul.cc`, an int4 or int8 one in
+`quantized_row_matmul.cc`, attention in `attention.cc`) are compiled with the machine's C++ compiler for its
 own CPU (`-march=native`) into one library, whose handlers are registered with XLA as
 FFI targets. The library lands in $XDG_CACHE_HOME/specjax/kernels (default
 ~/.cache/specjax/kernels), named by a digest of the sources, the JAX version, the
@@ -35,8 +36,10 @@ QUANTIZED_TARGET = "specjax_quantized_row_matmul"
 """The FFI target of the quantized product."""
 ATTENTION_TARGET = "specjax_attention"
 """The FFI target of decode attention over a float32 cache."""
+PACKED_TARGET = "specjax_packed_matmul"
+"""The FFI target of the float32 product with a weight in the packed layout (`pack`)."""
 _HANDLERS = {TARGET: "SpecjaxRowMatmul", QUANTIZED_TARGET: "SpecjaxQuantizedRowMatmul",
-             ATTENTION_TARGET: "SpecjaxAttention"}
+             ATTENTION_TARGET: "SpecjaxAttention", PACKED_TARGET: "SpecjaxPackedMatmul"}
 TARGETS = tuple(_HANDLERS)
 """Every FFI target that `available` registers."""
 MAX_ROWS = 12
@@ -45,6 +48,13 @@ rows (`kMaxGroup` in the source) reads the weights once. In forwards of the ship
 target on a 2-core Intel Xeon, the kernels beat XLA's products up to 12 rows (10-row
 float32 products 1.4x as fast, 8-row int4 ones 2.4x) and were slower from 16.
 """
+
+MAX_PACKED_ROWS = 64
+"""The largest number of rows per product that goes to the packed kernel, which reads the
+weights once for any number of rows. It covers the verify forwards of batch 8 at K = 7.
+"""
+PANEL_ROWS, PANEL_COLUMNS = 16, 64
+"""The block of weight rows and columns that the packed layout stores contiguously."""
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 _lock = threading.Lock()
@@ -193,6 +203,36 @@ def row_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x (rows, k) @ kernel (k, n) in float32 by the kernel; `available()` must be True."""
     out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out)(x, kernel)
+
+
+def packable(shape: tuple[int, ...]) -> bool:
+    """Whether a weight of `shape` (k, n) can take the packed layout: k a multiple of 16
+    and n of 64, as the hidden and vocabulary sizes of common models are."""
+    return len(shape) == 2 and shape[0] % PANEL_ROWS == 0 and shape[1] % PANEL_COLUMNS == 0
+
+
+def pack(kernel: jax.Array) -> jax.Array:
+    """Return the (k, n) weight with its elements in the packed layout that
+    `packed_matmul` reads: each block of 16 rows by 64 columns contiguous, the blocks of
+    one 16-row chunk side by side. The shape stays (k, n)."""
+    k, n = kernel.shape
+    blocks = kernel.reshape(k // PANEL_ROWS, PANEL_ROWS, n // PANEL_COLUMNS, PANEL_COLUMNS)
+    return blocks.transpose(0, 2, 1, 3).reshape(k, n)
+
+
+def unpack(kernel: jax.Array) -> jax.Array:
+    """Return the row-major weight that `pack` made `kernel` from."""
+    k, n = kernel.shape
+    blocks = kernel.reshape(k // PANEL_ROWS, n // PANEL_COLUMNS, PANEL_ROWS, PANEL_COLUMNS)
+    return blocks.transpose(0, 2, 1, 3).reshape(k, n)
+
+
+def packed_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x (rows, k) @ the weight that `pack` turned into `kernel`, in float32 by the
+    kernel; `available()` must be True. Equals `row_matmul` on the unpacked weight bit
+    for bit."""
+    out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(PACKED_TARGET, out)(x, kernel)
 
 
 def quantized_row_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array | None,

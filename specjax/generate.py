@@ -23,7 +23,7 @@ from specjax.inputs import (
 from specjax.model import Model
 from specjax.sampling import SamplingParams
 from specjax import program_cache
-from specjax.xla import compile_program, graph_for_backend
+from specjax.xla import compile_program, graph_for_backend, params_for_backend
 
 # Prompt widths and cache capacities are rounded up to these multiples so that nearby
 # shapes share one compiled program.
@@ -137,8 +137,8 @@ def generate(
         prompt_array[i, : len(row)] = row
     sampling = None if spec.greedy else SamplingParams.create(float(temperature), top_k, float(top_p))
     args = (
-        target.params,
-        None if draft is None else draft.params,
+        params_for_backend(target.graphdef, target.params),
+        None if draft is None else params_for_backend(draft.graphdef, draft.params),
         jnp.asarray(prompt_array),
         jnp.asarray([len(r) for r in rows], jnp.int32),
         jnp.int32(max_new_tokens),

@@ -9,6 +9,7 @@ so that the hot matmuls need no transpose. Shapes use the legend in `specjax.cac
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -26,18 +27,25 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
         # Static: the number of parts that a 1-row product's contraction is split into,
-        # 1 for a single dot, and whether float32 products of up to `MAX_ROWS` rows go to
-        # the CPU kernel (see `with_row_products`).
+        # 1 for a single dot, whether float32 products of up to `MAX_ROWS` rows go to
+        # the CPU kernel, and whether `kernel` contains the packed layout of
+        # `cpu_kernel.pack` (see `with_row_products`).
         self.row_parts = 1
         self.row_kernel = False
+        self.packed = False
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         parts = self.row_parts
         rows = x.size // kernel.shape[0]
-        # NOTE: XLA's dots sum in another order than the kernel, so a verify forward of
-        # more than MAX_ROWS rows can differ from plain decoding's in the last bits.
-        if self.row_kernel and rows <= cpu_kernel.MAX_ROWS and x.dtype == kernel.dtype == jnp.float32:
+        # NOTE: XLA's dots sum in another order than the kernels, so a verify forward of
+        # more rows than the kernels take can differ from plain decoding's in the last bits.
+        if self.packed:
+            if rows <= cpu_kernel.MAX_PACKED_ROWS and x.dtype == jnp.float32:
+                y = cpu_kernel.packed_matmul(x.reshape(rows, -1), kernel).reshape(x.shape[:-1] + (-1,))
+            else:  # prefill: XLA's dot on the row-major weight, rebuilt for this forward
+                y = x @ cpu_kernel.unpack(kernel)
+        elif self.row_kernel and rows <= cpu_kernel.MAX_ROWS and x.dtype == kernel.dtype == jnp.float32:
             y = cpu_kernel.row_matmul(x.reshape(rows, -1), kernel).reshape(x.shape[:-1] + (-1,))
         elif parts > 1 and rows == 1 and kernel.shape[0] % parts == 0:
             y = _split_row_product(x, kernel, parts)
@@ -234,7 +242,7 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens, positions, cache:
 
 
 def with_row_products(graphdef: nnx.GraphDef, params: nnx.State, *, parts: int = 1,
-                      kernel: bool = False) -> nnx.GraphDef:
+                      kernel: bool = False, packed: bool = False) -> nnx.GraphDef:
     """Return `graphdef` with its linear layers set to compute products of few rows differently.
 
     With `kernel`, which must be available, every linear layer sends its float32 products
@@ -242,16 +250,40 @@ def with_row_products(graphdef: nnx.GraphDef, params: nnx.State, *, parts: int =
     cache for up to as many new tokens per row goes to the attention kernel. Every float `Linear` computes
     its other 1-row products in `parts` slices of the input. `parts` 1 and no kernel
     restore XLA's plain products. Only the static graph changes, so `params` still fit
-    it. The products equal the plain ones up to rounding."""
+    it. The products equal the plain ones up to rounding.
+
+    With `kernel` and `packed`, float32 linear layers whose weights `cpu_kernel.packable`
+    accepts read their weights in the packed layout instead, through the packed kernel
+    for up to `cpu_kernel.MAX_PACKED_ROWS` rows; `pack_params` then gives their params."""
     module = nnx.merge(graphdef, params)
     for _, layer in nnx.iter_modules(module):
         if isinstance(layer, Linear):
             layer.row_parts = parts
+            weight = layer.kernel[...]
+            layer.packed = (kernel and packed and weight.dtype == jnp.float32
+                            and cpu_kernel.packable(weight.shape))
         if hasattr(layer, "row_kernel"):  # `Linear` and `specjax.quantized.QuantizedLinear`
             layer.row_kernel = kernel
         if isinstance(layer, Attention):
             layer.attention_kernel = kernel
     return nnx.split(module)[0]
+
+
+def has_packed_layers(graphdef: nnx.GraphDef, params: nnx.State) -> bool:
+    """Return whether a linear layer of `graphdef` reads its weight in the packed layout."""
+    module = nnx.merge(graphdef, params)
+    return any(isinstance(layer, Linear) and layer.packed for _, layer in nnx.iter_modules(module))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def pack_params(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.State:
+    """Return `params` with the weights of `graphdef`'s packed layers in the packed layout
+    (see `with_row_products`)."""
+    module = nnx.merge(graphdef, params)
+    for _, layer in nnx.iter_modules(module):
+        if isinstance(layer, Linear) and layer.packed:
+            layer.kernel.set_value(cpu_kernel.pack(layer.kernel[...]))
+    return nnx.split(module)[1]
 
 
 def activation_dtype(params: nnx.State):

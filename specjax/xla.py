@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 
 import jax
 from flax import nnx
@@ -79,24 +80,56 @@ def row_products(params: nnx.State) -> tuple[int, bool]:
     return row_parts(params), False
 
 
-# Graphs for the backend by the id of the graph they came from. Building one merges and
+PACK_WEIGHTS = True
+"""Whether generation reads the float32 weights that the CPU kernels take in the packed
+layout (`specjax.cpu_kernel.pack`); benchmarks turn it off to compare."""
+
+# Graphs for the backend by the id of the graph they came from: the source graph, the
+# setting, the graph built and whether it has packed layers. Building one merges and
 # splits the model in Python, about 17 ms for the shipped target, so `generate` must not
 # repeat it.
-_backend_graphs: dict[int, tuple[nnx.GraphDef, tuple[int, bool], nnx.GraphDef]] = {}
+_backend_graphs: dict[int, tuple[nnx.GraphDef, tuple, nnx.GraphDef, bool]] = {}
+# Params in the packed layout by the id of the params they came from.
+_backend_params: dict[int, tuple[weakref.ref, nnx.GraphDef, nnx.State]] = {}
+
+
+def _entry(graphdef: nnx.GraphDef, params: nnx.State):
+    from specjax.model import has_packed_layers, with_row_products
+
+    parts, kernel = row_products(params)
+    setting = (parts, kernel, kernel and PACK_WEIGHTS)
+    entry = _backend_graphs.get(id(graphdef))
+    # The entry keeps its source graph alive, so an equal id means the same graph.
+    if entry is None or entry[0] is not graphdef or entry[1] != setting:
+        if setting == (1, False, False):
+            entry = (graphdef, setting, graphdef, False)
+        else:
+            graph = with_row_products(graphdef, params, parts=parts, kernel=kernel, packed=setting[2])
+            entry = (graphdef, setting, graph, has_packed_layers(graph, params))
+        _backend_graphs[id(graphdef)] = entry
+    return entry
 
 
 def graph_for_backend(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef:
     """Return the graph that generation compiles for a model: `graphdef` with its
-    products of few rows computed as `row_products(params)` returns."""
-    from specjax.model import with_row_products
+    products of few rows computed as `row_products(params)` returns, and with its float32
+    weights in the packed layout where the CPU kernels take them (see `PACK_WEIGHTS`).
+    Pass it `params_for_backend(graphdef, params)`."""
+    return _entry(graphdef, params)[2]
 
-    setting = row_products(params)
-    if setting == (1, False):
-        return graphdef
-    entry = _backend_graphs.get(id(graphdef))
-    # The entry keeps its source graph alive, so an equal id means the same graph.
-    if entry is None or entry[0] is not graphdef or entry[1] != setting:
-        parts, kernel = setting
-        entry = (graphdef, setting, with_row_products(graphdef, params, parts=parts, kernel=kernel))
-        _backend_graphs[id(graphdef)] = entry
+
+def params_for_backend(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.State:
+    """Return the params that `graph_for_backend(graphdef, params)` reads: `params`
+    itself, or a copy with the weights of its packed layers packed. The copy is made once
+    per params object and dropped with it."""
+    from specjax.model import pack_params
+
+    _, _, graph, packed = _entry(graphdef, params)
+    if not packed:
+        return params
+    key = id(params)
+    entry = _backend_params.get(key)
+    if entry is None or entry[0]() is not params or entry[1] is not graph:
+        reference = weakref.ref(params, lambda _: _backend_params.pop(key, None))
+        entry = _backend_params[key] = (reference, graph, pack_params(graph, params))
     return entry[2]

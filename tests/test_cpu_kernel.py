@@ -184,4 +184,6 @@ def test_build_falls_back_to_portable(tmp_path):
     library = ctypes.cdll.LoadLibrary(str(path))
     assert library.SpecjaxRowMatmul
     assert library.SpecjaxQuantizedRowMatmul
+    assert library.SpecjaxPackedMatmul
+    assert library.SpecjaxAttention
     assert [p.name for p in path.parent.iterdir()] == ["row_matmul.so"]  # no scratch files left
