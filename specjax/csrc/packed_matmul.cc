@@ -42,7 +42,8 @@ void Panels(const float* xs, const float* chunk, float* y, int64_t n, int64_t b0
   for (int64_t b = b0; b < b1; ++b) {
     const float* panel = chunk + b * kChunk * kPanel;
     for (int s = 0; s < kPanelVectors; s += V)
-      specjax::Columns<Rows, V>(xs, kChunk, panel + s * kLanes, kPanel, y, n, b * kPanel + s * kLanes);
+      specjax::Columns<Rows, V, true>(xs, kChunk, panel + s * kLanes, kPanel, y, n,
+                                      b * kPanel + s * kLanes);
   }
 }
 
