@@ -86,7 +86,7 @@ constexpr int64_t kPrefetchFloats = 4096;
 
 // Adds xs[:, :depth] @ w[:depth, :V * kLanes] into y[:, j:j + V * kLanes] for `Rows`
 // rows, the sums held in registers. Row m of xs starts at xs + m * kChunk, and the
-// weight rows lie `stride` floats apart; with `Stream`, the weight continues in memory
+// weight rows lie `stride` floats apart. With `Stream`, the weight continues in memory
 // past this block and is prefetched. Each element takes its terms one at a time in
 // order, each with one fused multiply-add, so the blocking never changes a result.
 template <int Rows, int V, bool Stream = false>
