@@ -2,10 +2,11 @@
 
     python benchmarks/cpu_kernel.py [--max-new-tokens 256] [--repeats 8]
 
-Six contestants, greedy, batch 1: plain decoding, speculative decoding with fixed K, and
+Eight contestants, greedy, batch 1: plain decoding, speculative decoding with fixed K, and
 plain decoding of the target quantized to int4, each with the kernels and with XLA's
 products and attention (the split 1-row products for float32, the blocked lowering for
-int4). Every
+int4). The float32 ones run a third time with the kernels on row-major weights instead
+of the packed layout (`specjax.xla.PACK_WEIGHTS` off). Every
 round runs each contestant once, starting with the next one, and the ratios are medians
 of each round's ratio. Writes benchmarks/results/cpu_kernel.json.
 """
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import specjax  # noqa: E402
 from common import machine_record, write_record  # noqa: E402
-from specjax import cpu_kernel  # noqa: E402
+from specjax import cpu_kernel, xla  # noqa: E402
 from specjax.cli import shipped_models_dir  # noqa: E402
 from specjax.quantized import quantize_model  # noqa: E402
 
@@ -49,25 +50,31 @@ def main() -> None:
     # so the script swaps `available` to run both forms in one process. Each form
     # compiles its own program, because the model graphs differ.
     kernel_on = cpu_kernel.available
-    contestants = [(workload, kernel) for workload in workloads for kernel in (True, False)]
-    rates = {f"{workload}, {'kernel' if kernel else 'xla'}": [] for workload, kernel in contestants}
+    contestants = [(workload, form) for workload in workloads for form in ("kernel", "row-major", "xla")
+                   if not (workload == "int4 plain" and form == "row-major")]
+    rates = {f"{workload}, {form}": [] for workload, form in contestants}
     tokens = {}
     for round_index in range(args.repeats + 1):  # round 0 compiles
         for offset in range(len(contestants)):
-            workload, kernel = contestants[(round_index + offset) % len(contestants)]
-            cpu_kernel.available = kernel_on if kernel else (lambda: False)
+            workload, form = contestants[(round_index + offset) % len(contestants)]
+            cpu_kernel.available = kernel_on if form != "xla" else (lambda: False)
+            xla.PACK_WEIGHTS = form == "kernel"
             result = workloads[workload]()
-            name = f"{workload}, {'kernel' if kernel else 'xla'}"
+            name = f"{workload}, {form}"
             tokens[name] = result.tokens
             if round_index:
                 rates[name].append(result.stats.tokens_per_second)
     cpu_kernel.available = kernel_on
+    xla.PACK_WEIGHTS = True
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
 
     medians = {name: statistics.median(values) for name, values in rates.items()}
     ratios = {f"{workload}: kernel / xla": ratio(f"{workload}, kernel", f"{workload}, xla") for workload in workloads}
+    for workload in ("plain", "speculative"):
+        ratios[f"{workload}: packed / row-major"] = ratio(f"{workload}, kernel", f"{workload}, row-major")
+    ratios["speculative / plain, row-major"] = ratio("speculative, row-major", "plain, row-major")
     for form in ("kernel", "xla"):
         ratios[f"speculative / plain, {form}"] = ratio(f"speculative, {form}", f"plain, {form}")
         ratios[f"int4 / float32 plain, {form}"] = ratio(f"int4 plain, {form}", f"plain, {form}")
