@@ -76,19 +76,7 @@ void Product(const float* x, const float* w, float* y, int64_t rows, int64_t ldx
 
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
-    return ffi::Error::InvalidArgument("packed_matmul expects x (rows, k) and w (k, n)");
-  int64_t rows = xd[0], k = wd[0], n = wd[1];
-  if (k % kChunk != 0 || n % kPanel != 0)
-    return ffi::Error::InvalidArgument("packed_matmul expects k a multiple of 16 and n of 64");
-  const float* xs = x.typed_data();
-  const float* ws = w.typed_data();
-  specjax::SplitContraction::Run(pool, k, k * n * 4, rows * n, y->typed_data(),
-                                 [=](int64_t k0, int64_t k1, float* out) {
-                                   Product(xs, ws, out, rows, k, n, k0, k1);
-                                 });
-  return ffi::Error::Success();
+  return specjax::RunFloatProduct("packed_matmul", pool, x, w, y, Product, kChunk, kPanel);
 }
 
 }  // namespace
