@@ -124,8 +124,8 @@ inline void Columns(const float* xs, int depth, const float* __restrict w, int64
     for (int v = 0; v < V; ++v) Store(y + m * n + j + v * kLanes, acc[m][v]);
 }
 
-// Computes y[:, :] for rows [0, rows) over weight rows [k0, k1): x is (rows, k) with row
-// stride ldx, and w (k, n) in the kernel's own layout.
+// A kernel's product over weight rows [k0, k1): y (rows, n) = x[:, k0:k1] @ w[k0:k1, :],
+// where x has row stride ldx and w is (k, n) in the kernel's own layout.
 using FloatProduct = void (*)(const float* x, const float* w, float* y, int64_t rows, int64_t ldx,
                               int64_t n, int64_t k0, int64_t k1);
 
