@@ -80,9 +80,10 @@ def row_products(params: nnx.State) -> tuple[int, bool]:
     return row_parts(params), False
 
 
-PACK_WEIGHTS = True
+PACK_WEIGHTS = os.environ.get("SPECJAX_PACK_WEIGHTS", "1") != "0"
 """Whether generation reads the float32 weights that the CPU kernels take in the packed
-layout (`specjax.cpu_kernel.pack`); benchmarks turn it off to compare."""
+layout (`specjax.cpu_kernel.pack`), which keeps a packed copy of them per model.
+SPECJAX_PACK_WEIGHTS=0 turns it off, to keep one copy; benchmarks set it to compare."""
 
 # Graphs for the backend by the id of the graph they came from: the source graph, the
 # setting, the graph built and whether it has packed layers. Building one merges and

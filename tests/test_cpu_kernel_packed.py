@@ -1,6 +1,9 @@
 """The packed weight layout: its order, the kernel that reads it, and the models that use it."""
 
 import importlib
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -142,3 +145,11 @@ def test_batched_speculative_greedy_equals_plain_bit_for_bit(monkeypatch):
     monkeypatch.setattr(generate_module, "_compiled", {})  # programs traced before the patch
     jax.clear_caches()
     assert run(draft).tokens != plain
+
+
+@pytest.mark.parametrize("value, expected", [("0", "False"), ("1", "True")])
+def test_environment_turns_packing_off(value, expected):
+    environment = dict(os.environ, SPECJAX_PACK_WEIGHTS=value)
+    command = [sys.executable, "-c", "from specjax import xla; print(xla.PACK_WEIGHTS)"]
+    output = subprocess.run(command, env=environment, capture_output=True, text=True, check=True).stdout
+    assert output.strip() == expected
