@@ -7,7 +7,9 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from specjax.arguments import integer, number, positive_integer
@@ -129,9 +131,18 @@ def run_generate(args: argparse.Namespace) -> int:
     # Check the settings before the slow model load, so a typo fails at once.
     validate_settings(args.max_new_tokens, args.num_draft_tokens, args.temperature, args.top_k, args.top_p)
     validate_draft_settings(not args.fixed_k, args.confidence_threshold, args.min_acceptance)
+    if not args.prompt:
+        raise ValueError(f"the prompt is empty; pass some text, or leave it out for {DEFAULT_PROMPT!r}")
     if args.temperature == 0 and (args.top_k or args.top_p != 1.0):
         print("note: --top-k and --top-p apply only when sampling; with --temperature 0 the output "
               "is greedy", file=sys.stderr)
+    drafting = {"--num-draft-tokens": args.num_draft_tokens != 4, "--fixed-k": args.fixed_k,
+                "--min-acceptance": args.min_acceptance != 0.4,
+                "--confidence-threshold": args.confidence_threshold != 0.0}
+    unused = [option for option, given in drafting.items() if given]
+    if args.no_draft and unused:
+        print(f"note: {', '.join(unused)} apply only with a draft; --no-draft decodes with the "
+              "target alone", file=sys.stderr)
     target_dir = args.target or models / "shakespeare-target"
     draft_dir = args.draft
     if draft_dir is None and args.target is None and not args.no_draft:
@@ -145,6 +156,10 @@ def run_generate(args: argparse.Namespace) -> int:
     quantization = {"quantize": args.quantize, "group_size": group_size,
                     "quantize_embeddings": args.quantize_embeddings}
     target = specjax.load(target_dir, dtype=args.dtype, **quantization)
+    if target.tokenizer is None:
+        raise ValueError(f"--target {target_dir} has no tokenizer.json, which the command line needs "
+                         "to encode the prompt; add it to the folder, or call specjax.generate with "
+                         "token ids from Python")
     draft = specjax.load(draft_dir, dtype=args.dtype, **quantization) if draft_dir else None
     enable_compile_cache()
     result = specjax.generate(
@@ -211,16 +226,27 @@ _OPTION_SETTINGS = ("max_new_tokens", "num_draft_tokens", "min_acceptance", "con
 
 
 def _in_option_terms(message: str) -> str:
-    """Return `message` with a leading `name=value` of a `generate` setting written as
-    the command-line option, `--name-with-dashes=value`."""
-    name, equals, rest = message.partition("=")
-    if equals and name in _OPTION_SETTINGS:
-        return f"--{name.replace('_', '-')}={rest}"
-    return message
+    """Return `message` with the names of `generate` settings written as their command-line
+    options (`max_new_tokens` as `--max-new-tokens`), and its one prompt row as the prompt."""
+    for name in _OPTION_SETTINGS:
+        message = re.sub(rf"(?<![-\w]){name}\b", "--" + name.replace("_", "-"), message)
+    return message.replace("prompt row 0 ", "the prompt ")
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"specjax: warning: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Warnings (a kernel build that failed, say) take one line, without a source line.
+    warnings.formatwarning = _warning_line
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        words = args.command == "generate" and any(not item.startswith("-") for item in extra)
+        hint = "; the prompt is one argument, so quote text with spaces" if words else ""
+        parser.exit(2, f"specjax: error: unrecognized arguments: {' '.join(extra)}{hint} "
+                       f"(see 'specjax {args.command} --help')\n")
     try:
         return run_bench(args) if args.command == "bench" else run_generate(args)
     except (ValueError, OSError) as error:  # CheckpointError and ConfigError are ValueErrors

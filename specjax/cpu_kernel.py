@@ -53,9 +53,9 @@ MAX_PACKED_ROWS = 128
 """The largest number of rows per product that goes to the packed kernel, which reads the
 weights once for any number of rows. It covers the verify forwards of batch 16 at K = 7.
 On a 2-core AMD EPYC the kernel ran such products at about 340 GFLOP/s and XLA's dot at
-400 to 500, but XLA's dot needs the weights unpacked first, a copy of every weight per
-forward; past a few hundred rows (a long prompt's prefill) the copy costs less than the
-difference.
+400 to 500. XLA's dot needs the weights unpacked first, a copy of every weight per
+forward, which costs less than the difference only past a few hundred rows (a long
+prompt's prefill).
 """
 PANEL_ROWS, PANEL_COLUMNS = 16, 64
 """The block of weight rows and columns that the packed layout stores contiguously."""
@@ -171,11 +171,16 @@ def _load() -> bool:
               "or set CXX to another, or delete that file to try again")
         return False
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _warn(f"cannot create the kernel folder {path.parent}: {error}; set XDG_CACHE_HOME to a "
+              "writable folder")
+        return False
+    try:
         if not path.exists():
             try:
                 _build(compiler, path)
             except (RuntimeError, OSError) as error:
-                failed.parent.mkdir(parents=True, exist_ok=True)
                 failed.write_text(f"{error}\n")
                 raise
         _library = ctypes.cdll.LoadLibrary(str(path))
@@ -210,7 +215,7 @@ def row_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def packable(shape: tuple[int, ...]) -> bool:
-    """Whether a weight of `shape` (k, n) can take the packed layout: k a multiple of 16
+    """Return whether a weight of `shape` (k, n) can take the packed layout: k a multiple of 16
     and n of 64, as the hidden and vocabulary sizes of common models are."""
     return len(shape) == 2 and shape[0] % PANEL_ROWS == 0 and shape[1] % PANEL_COLUMNS == 0
 
@@ -232,7 +237,7 @@ def unpack(kernel: jax.Array) -> jax.Array:
 
 
 def packed_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x (rows, k) @ the weight that `pack` turned into `kernel`, in float32 by the
+    """Return x (rows, k) @ the weight that `pack` turned into `kernel`, in float32 by the
     kernel; `available()` must be True. Equals `row_matmul` on the unpacked weight bit
     for bit."""
     out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), jnp.float32)

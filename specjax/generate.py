@@ -109,6 +109,10 @@ def generate(
     probability is below `confidence_threshold` (0 disables the cut-off). None of these
     settings changes the output distribution, only the speed.
     """
+    for name, model in (("target", target), ("draft", draft)):
+        if model is not None and not isinstance(model, Model):
+            raise TypeError(f"{name} must be a specjax.Model, such as specjax.load(folder); "
+                            f"got {type(model).__name__} {model!r}")
     # A draft of another vocabulary is reported as such before any prompt check names it.
     if draft is not None:
         check_vocabularies(target, draft)

@@ -160,3 +160,56 @@ def test_model_option_given_a_folder_without_config(shipped, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--draft {tmp_path} has no config.json; pass a Hugging Face model folder" in err
     assert "Traceback" not in err
+
+
+def test_empty_prompt_names_default(shipped, capsys):
+    assert main(["generate", ""]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "specjax: error: the prompt is empty; pass some text, or leave it out for 'ROMEO:'"
+    )
+
+
+def test_second_prompt_hints_quoting(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "ROMEO:", "JULIET:"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: JULIET:; the prompt is one argument, so quote text with spaces" in err
+
+
+def test_long_request_in_option_terms(shipped, capsys):
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "500"]) == 2
+    err = capsys.readouterr().err
+    assert "the prompt has" in err
+    assert "--max-new-tokens=500" in err
+    assert "use --max-new-tokens <=" in err
+    assert "max_new_tokens" not in err
+
+
+def test_no_draft_notes_unused_drafting_options(shipped, capsys):
+    assert main(["generate", "ROMEO:", "--no-draft", "--fixed-k", "--num-draft-tokens", "8",
+                 "--max-new-tokens", "4"]) == 0
+    assert "note: --num-draft-tokens, --fixed-k apply only with a draft" in capsys.readouterr().err
+    assert main(["generate", "ROMEO:", "--no-draft", "--max-new-tokens", "4"]) == 0
+    assert "apply only with a draft" not in capsys.readouterr().err
+
+
+def test_target_without_tokenizer(shipped, tmp_path, capsys):
+    folder = tmp_path / "ids-only"
+    folder.mkdir()
+    for file in (shipped / "shakespeare-target").iterdir():
+        if file.name != "tokenizer.json":
+            (folder / file.name).symlink_to(file)
+    assert main(["generate", "ROMEO:", "--target", str(folder), "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"--target {folder} has no tokenizer.json" in err
+    assert "Traceback" not in err
+
+
+def test_warnings_take_one_line(shipped, monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored afterwards
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "2", "--no-draft"]) == 0
+    line = warnings.formatwarning("a test warning", RuntimeWarning, "cli.py", 8, "sys.exit(main())")
+    assert line == "specjax: warning: a test warning\n"

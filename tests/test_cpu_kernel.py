@@ -123,6 +123,19 @@ def test_turned_off_by_environment(fresh_state, monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU backend only")
+def test_unwritable_cache_folder_named(fresh_state, monkeypatch, tmp_path):
+    if cpu_kernel._compiler() is None:
+        pytest.skip("no C++ compiler")
+    not_a_folder = tmp_path / "cache-file"
+    not_a_folder.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(not_a_folder))
+    with pytest.warns(RuntimeWarning, match="cannot create the kernel folder .*cache-file") as record:
+        assert cpu_kernel.available() is False
+    assert "set XDG_CACHE_HOME to a writable folder" in str(record[0].message)
+    assert "fix the compiler" not in str(record[0].message)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU backend only")
 def test_missing_compiler_warns_and_falls_back(fresh_state, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
     with pytest.warns(RuntimeWarning, match="no C.. compiler found; install one or set CXX") as record:

@@ -175,3 +175,10 @@ def test_numpy_scalars_accepted(target):
 def test_eos_outside_vocabulary(target, value):
     with pytest.raises(ValueError, match="eos_token_id"):
         generate(target, [1, 2, 3], max_new_tokens=4, eos_token_id=value)
+
+
+def test_model_given_as_path(target):
+    with pytest.raises(TypeError, match=re.escape("target must be a specjax.Model, such as specjax.load(folder); got str 'models/x'")):
+        generate("models/x", "ROMEO:")
+    with pytest.raises(TypeError, match="draft must be a specjax.Model"):
+        generate(target, [1, 2], draft="models/y")
