@@ -150,14 +150,16 @@ def validate(args: argparse.Namespace) -> None:
 
     for name in ("max_new_tokens", "repeats"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    for name in ("ks", "batches"):
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1; "
+                             "pass a whole number of at least 1")
+    for name, kind in (("ks", "draft lengths"), ("batches", "batch sizes")):
         bad = [v for v in getattr(args, name) if v < 1]
         if bad:
-            raise ValueError(f"--{name} value {bad[0]} must be >= 1")
+            raise ValueError(f"--{name} value {bad[0]} must be >= 1; pass {kind} of at least 1")
     too_long = [k for k in args.ks if k > MAX_DRAFT_TOKENS]
     if too_long:
-        raise ValueError(f"--ks value {too_long[0]} must be <= {MAX_DRAFT_TOKENS}")
+        raise ValueError(f"--ks value {too_long[0]} must be <= {MAX_DRAFT_TOKENS}; pass draft lengths "
+                         f"from 1 to {MAX_DRAFT_TOKENS}")
 
 
 def run(args: argparse.Namespace, target, draft) -> list[str]:

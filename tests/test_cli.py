@@ -136,13 +136,13 @@ def test_bench_prints_table(shipped, capsys):
 
 def test_bench_rejects_bad_repeats(shipped, capsys):
     assert main(["bench", "--repeats", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "specjax: error: --repeats=0 must be >= 1"
+    assert capsys.readouterr().err.strip() == "specjax: error: --repeats=0 must be >= 1; pass a whole number of at least 1"
 
 
 def test_bench_rejects_long_drafts_before_loading(shipped, capsys):
     assert main(["bench", "--ks", "4", "40"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "specjax: error: --ks value 40 must be <= 32"
+    assert err.strip() == "specjax: error: --ks value 40 must be <= 32; pass draft lengths from 1 to 32"
     assert "loading" not in err
 
 
