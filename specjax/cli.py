@@ -15,6 +15,8 @@ from pathlib import Path
 from specjax.arguments import integer, number, positive_integer
 
 DEFAULT_PROMPT = "ROMEO:"
+# Defaults of the drafting options, which `generate` notes as unused with --no-draft.
+DRAFT_DEFAULTS = {"num_draft_tokens": 4, "fixed_k": False, "min_acceptance": 0.4, "confidence_threshold": 0.0}
 
 
 def shipped_models_dir() -> Path:
@@ -75,12 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft", type=Path, help="draft model folder (default: the shipped draft, unless --target is given)")
     gen.add_argument("--no-draft", action="store_true", help="plain decoding with the target alone")
     gen.add_argument("--max-new-tokens", type=positive_integer, default=64, help="tokens to generate at most (default 64)")
-    gen.add_argument("--num-draft-tokens", type=integer, default=4, help="maximum draft tokens per step, K (default 4)")
+    gen.add_argument("--num-draft-tokens", type=integer, default=DRAFT_DEFAULTS["num_draft_tokens"], help="maximum draft tokens per step, K (default 4)")
     gen.add_argument("--fixed-k", action="store_true",
                      help="draft K tokens every step instead of adapting the number to the acceptance rate")
-    gen.add_argument("--min-acceptance", type=number, default=0.4,
+    gen.add_argument("--min-acceptance", type=number, default=DRAFT_DEFAULTS["min_acceptance"],
                      help="pause drafting while the acceptance rate is below this (default 0.4; 0 never pauses)")
-    gen.add_argument("--confidence-threshold", type=number, default=0.0,
+    gen.add_argument("--confidence-threshold", type=number, default=DRAFT_DEFAULTS["confidence_threshold"],
                      help="stop a row's drafts after a token whose draft probability is below this "
                           "(default 0: off)")
     gen.add_argument("--temperature", type=number, default=0.0, help="sampling temperature; 0 is greedy (default)")
@@ -136,10 +138,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.temperature == 0 and (args.top_k or args.top_p != 1.0):
         print("note: --top-k and --top-p apply only when sampling; with --temperature 0 the output "
               "is greedy", file=sys.stderr)
-    drafting = {"--num-draft-tokens": args.num_draft_tokens != 4, "--fixed-k": args.fixed_k,
-                "--min-acceptance": args.min_acceptance != 0.4,
-                "--confidence-threshold": args.confidence_threshold != 0.0}
-    unused = [option for option, given in drafting.items() if given]
+    unused = ["--" + name.replace("_", "-") for name, default in DRAFT_DEFAULTS.items()
+              if getattr(args, name) != default]
     if args.no_draft and unused:
         print(f"note: {', '.join(unused)} apply only with a draft; --no-draft decodes with the "
               "target alone", file=sys.stderr)

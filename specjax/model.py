@@ -43,7 +43,7 @@ class Linear(nnx.Module):
         if self.packed:
             if rows <= cpu_kernel.MAX_PACKED_ROWS and x.dtype == jnp.float32:
                 y = cpu_kernel.packed_matmul(x.reshape(rows, -1), kernel).reshape(x.shape[:-1] + (-1,))
-            else:  # prefill: XLA's dot on the row-major weight, rebuilt for this forward
+            else:  # more rows (a long prefill): XLA's dot on the weight unpacked for this forward
                 y = x @ cpu_kernel.unpack(kernel)
         elif self.row_kernel and rows <= cpu_kernel.MAX_ROWS and x.dtype == kernel.dtype == jnp.float32:
             y = cpu_kernel.row_matmul(x.reshape(rows, -1), kernel).reshape(x.shape[:-1] + (-1,))

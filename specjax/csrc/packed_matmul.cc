@@ -1,10 +1,10 @@
 // A float32 product y = x @ w for a weight stored in panels, as an XLA FFI handler for
 // the CPU backend.
 //
-// The packed layout stores each block of 16 weight rows by 64 columns contiguously. So
-// element (16 c + r, 64 b + t) of a (k, n) weight sits at ((c * n / 64 + b) * 16 + r) * 64 + t,
-// and the kernel reads the weights as one sequential stream. In row-major order it reads
-// 16 rows side by side, 16 streams. On 2 cores of an AMD EPYC, the products of the
+// The packed layout stores each block of 16 weight rows by 64 columns contiguously.
+// Element (16 c + r, 64 b + t) of a (k, n) weight sits at index
+// ((c * n / 64 + b) * 16 + r) * 64 + t. The kernel therefore reads the weights as one
+// sequential stream, where in row-major order it reads 16 rows side by side. On 2 cores of an AMD EPYC, the products of the
 // shipped target's forward took 1.9 times as long for 5 rows as for 1 row in row-major
 // order, as if the loads waited for the arithmetic, and 1.5 times packed. Packed 1-row
 // products were about 20 % faster too.
