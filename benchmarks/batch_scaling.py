@@ -1,9 +1,10 @@
 """Total throughput against batch size, plain and speculative, on the shipped pair.
 
-    python benchmarks/batch_scaling.py [--max-new-tokens 128] [--batches 1 2 4 8 16]
+    python benchmarks/batch_scaling.py [--max-new-tokens 128] [--batches 1 2 4 8 16] [--max-verify-rows N]
 
 Each batch repeats the prompt in every row (rows sample independently at T > 0; under
-greedy they decode the same text). Writes benchmarks/results/batch_scaling.json.
+greedy they decode the same text). Speculative decoding drafts adaptively with K up to 4,
+which `generate` lowers at larger batches (`max_verify_rows`; 0 keeps K = 4 everywhere). Writes benchmarks/results/batch_scaling.json.
 """
 
 from __future__ import annotations
@@ -33,19 +34,24 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--max-verify-rows", type=int, help="generate's max_verify_rows (default: its own)")
     args = parser.parse_args()
 
     target = specjax.load(args.models / "shakespeare-target")
     draft = specjax.load(args.models / "shakespeare-draft")
-    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, num_draft_tokens=4)
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, num_draft_tokens=4,
+                    max_verify_rows=args.max_verify_rows)
     rows = []
     for batch in args.batches:
         plain_rate, _ = total_rate(target, None, batch, settings, args.repeats)
         spec_rate, spec = total_rate(target, draft, batch, settings, args.repeats)
         rows.append({"batch": batch, "plain_tokens_per_second": plain_rate,
-                     "speculative_tokens_per_second": spec_rate, "acceptance_rate": spec.stats.acceptance_rate})
+                     "speculative_tokens_per_second": spec_rate, "acceptance_rate": spec.stats.acceptance_rate,
+                     "num_draft_tokens_used": spec.stats.num_draft_tokens})
+        acceptance = "none" if spec.stats.acceptance_rate is None else f"{spec.stats.acceptance_rate:.2f}"
         print(f"B={batch:2d}: plain {plain_rate:7.1f} tok/s, speculative {spec_rate:7.1f} tok/s "
-              f"(x{spec_rate / plain_rate:.2f}), acceptance {spec.stats.acceptance_rate:.2f}", flush=True)
+              f"(x{spec_rate / plain_rate:.2f}), K {spec.stats.num_draft_tokens}, acceptance {acceptance}",
+              flush=True)
     first = rows[0]["speculative_tokens_per_second"]
     for row in rows:
         row["speculative_over_batch_1"] = row["speculative_tokens_per_second"] / first

@@ -93,6 +93,7 @@ def main() -> None:
                 "temperature": temperature,
                 "num_draft_tokens": k,
                 "adaptive": adaptive,
+                "num_draft_tokens_used": stats.num_draft_tokens,  # adaptive drafting caps K at 7 on CPU
                 "plain_tokens_per_second": plain_rate,
                 "speculative_tokens_per_second": spec_rate,
                 "speedup": spec_rate / plain_rate,
@@ -113,7 +114,7 @@ def main() -> None:
             rows.append(row)
             detail = (
                 f"bound x{row['bound']:.2f} ({row['fraction_of_bound']:.0%}), fitted alpha {alpha:.2f}"
-                if not adaptive else f"adaptive, {stats.mean_draft_tokens:.2f} drafts/call"
+                if not adaptive else f"adaptive up to {stats.num_draft_tokens}, {stats.mean_draft_tokens:.2f} drafts/call"
             )
             print(
                 f"T={temperature} K={k}: plain {plain_rate:6.1f} tok/s, speculative {spec_rate:6.1f} tok/s, "

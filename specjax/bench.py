@@ -195,13 +195,14 @@ def run(args: argparse.Namespace, target, draft) -> list[str]:
             f"{stats.acceptance_rate:>7.2f} {stats.mean_draft_tokens:>12.2f} "
             f"{stats.mean_accepted_length:>12.2f} {bound:>6}"
         )
-    lines += ["", "tokens/s of all rows together, adaptive drafting with K up to 4:",
-              f"{'batch':>5} {'plain':>9} {'speculative':>12}"]
+    lines += ["", "tokens/s of all rows together, adaptive drafting with K up to 4, which larger",
+              "batches lower (K: the K used; 0 decodes plainly):",
+              f"{'batch':>5} {'plain':>9} {'speculative':>12} {'K':>3}"]
     for batch in args.batches:
-        plain, spec, _ = _paired_rates(
+        plain, spec, result = _paired_rates(
             generate, progress, f"batch {batch}", args.repeats, prompts=[PROMPT] * batch, draft=draft
         )
-        lines.append(f"{batch:>5} {plain:>9.1f} {spec:>12.1f}")
+        lines.append(f"{batch:>5} {plain:>9.1f} {spec:>12.1f} {result.stats.num_draft_tokens:>3}")
     lines += [
         "",
         "accept: accepted / drafted tokens. bound: (1 - a^(K+1)) / ((1 - a)(K c + 1)), with a the",

@@ -16,7 +16,8 @@ from specjax.arguments import integer, number, positive_integer
 
 DEFAULT_PROMPT = "ROMEO:"
 # Defaults of the drafting options, which `generate` notes as unused with --no-draft.
-DRAFT_DEFAULTS = {"num_draft_tokens": 4, "fixed_k": False, "min_acceptance": 0.4, "confidence_threshold": 0.0}
+DRAFT_DEFAULTS = {"num_draft_tokens": 4, "fixed_k": False, "min_acceptance": 0.4, "confidence_threshold": 0.0,
+                  "max_verify_rows": None}
 
 
 def shipped_models_dir() -> Path:
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--confidence-threshold", type=number, default=DRAFT_DEFAULTS["confidence_threshold"],
                      help="stop a row's drafts after a token whose draft probability is below this "
                           "(default 0: off)")
+    gen.add_argument("--max-verify-rows", type=integer,
+                     help="without --fixed-k, lower K so that a verify forward scores at most this "
+                          "many tokens (default 8 on CPU; 0 sets no limit)")
     gen.add_argument("--temperature", type=number, default=0.0, help="sampling temperature; 0 is greedy (default)")
     gen.add_argument("--top-k", type=integer, default=0, help="keep the k most likely tokens; 0 disables (default)")
     gen.add_argument("--top-p", type=number, default=1.0,
@@ -132,7 +136,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("--quantize-embeddings needs --quantize int4 or int8")
     # Check the settings before the slow model load, so a typo fails at once.
     validate_settings(args.max_new_tokens, args.num_draft_tokens, args.temperature, args.top_k, args.top_p)
-    validate_draft_settings(not args.fixed_k, args.confidence_threshold, args.min_acceptance)
+    validate_draft_settings(not args.fixed_k, args.confidence_threshold, args.min_acceptance, args.max_verify_rows)
     if not args.prompt:
         raise ValueError(f"the prompt is empty; pass some text, or leave it out for {DEFAULT_PROMPT!r}")
     if args.temperature == 0 and (args.top_k or args.top_p != 1.0):
@@ -141,7 +145,7 @@ def run_generate(args: argparse.Namespace) -> int:
     unused = ["--" + name.replace("_", "-") for name, default in DRAFT_DEFAULTS.items()
               if getattr(args, name) != default]
     if args.no_draft and unused:
-        print(f"note: {', '.join(unused)} apply only with a draft; --no-draft decodes with the "
+        print(f"note: {', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} only with a draft; --no-draft decodes with the "
               "target alone", file=sys.stderr)
     target_dir = args.target or models / "shakespeare-target"
     draft_dir = args.draft
@@ -175,8 +179,13 @@ def run_generate(args: argparse.Namespace) -> int:
         adaptive=not args.fixed_k,
         confidence_threshold=args.confidence_threshold,
         min_acceptance=args.min_acceptance,
+        max_verify_rows=args.max_verify_rows,
     )
     stats = result.stats
+    if draft is not None and stats.num_draft_tokens < args.num_draft_tokens:
+        print(f"note: K lowered from {args.num_draft_tokens} to {stats.num_draft_tokens}, so that a verify "
+              f"forward scores at most {stats.num_draft_tokens + 1} tokens; --max-verify-rows 0 lifts the "
+              "limit, --fixed-k keeps K", file=sys.stderr)
     if args.json:
         record = {
             "text": result.text[0] if result.text else None,
@@ -222,7 +231,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 # `generate` settings that the command line takes as --name-with-dashes.
 _OPTION_SETTINGS = ("max_new_tokens", "num_draft_tokens", "min_acceptance", "confidence_threshold",
-                    "temperature", "top_k", "top_p", "seed")
+                    "max_verify_rows", "temperature", "top_k", "top_p", "seed")
 
 
 def _in_option_terms(message: str) -> str:

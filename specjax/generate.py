@@ -22,6 +22,7 @@ from specjax.inputs import (
 )
 from specjax.model import Model
 from specjax.sampling import SamplingParams
+from specjax import schedule
 from specjax import program_cache
 from specjax.xla import compile_program, graph_for_backend, params_for_backend
 
@@ -75,6 +76,14 @@ def _parameter_types(params) -> tuple:
     return tuple((x.shape, x.dtype) for x in jax.tree.leaves(params))
 
 
+def _verify_rows(max_verify_rows: int | None) -> int:
+    if max_verify_rows is not None:
+        return int(max_verify_rows)
+    # NOTE: measured on CPU only; on an accelerator a verify forward stays memory-bound to
+    # far more rows, and where it stops is not measured here.
+    return schedule.CPU_VERIFY_ROWS if jax.default_backend() == "cpu" else 0
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -94,6 +103,7 @@ def generate(
     adaptive: bool = True,
     confidence_threshold: float = 0.0,
     min_acceptance: float = 0.4,
+    max_verify_rows: int | None = None,
 ) -> GenerationResult:
     """Generate from `target`, speculatively with `draft` when one is given.
 
@@ -105,7 +115,11 @@ def generate(
     The draft proposes at most `num_draft_tokens` (K) tokens per step. With `adaptive`,
     each step's number is chosen on the device from the recent acceptance rate, and
     drafting pauses while that rate is below `min_acceptance` (see `specjax.schedule`);
-    without it every step drafts K. A row also stops drafting after a token whose draft
+    without it every step drafts K. Adaptive drafting also lowers K, down to plain
+    decoding, so that one verify forward scores at most `max_verify_rows` tokens over the
+    batch (batch size × (K + 1)); None takes `specjax.schedule.CPU_VERIFY_ROWS` (8) on CPU
+    and no limit on other backends, and 0 sets no limit. `stats.num_draft_tokens` reports
+    the K used. A row also stops drafting after a token whose draft
     probability is below `confidence_threshold` (0 disables the cut-off). None of these
     settings changes the output distribution, only the speed.
     """
@@ -118,12 +132,15 @@ def generate(
         check_vocabularies(target, draft)
     rows = tokenize(target, prompt)
     check_request(target, draft, rows, max_new_tokens, num_draft_tokens, temperature, top_k, top_p)
-    validate_draft_settings(adaptive, confidence_threshold, min_acceptance)
+    validate_draft_settings(adaptive, confidence_threshold, min_acceptance, max_verify_rows)
     # NumPy scalars pass validation; plain Python numbers keep the static shapes hashable.
     max_new_tokens, num_draft_tokens, top_k = int(max_new_tokens), int(num_draft_tokens), int(top_k)
     temperature, top_p = float(temperature), float(top_p)
 
     k = num_draft_tokens if draft is not None else 0
+    if adaptive:
+        k = schedule.batch_draft_limit(k, len(rows), _verify_rows(max_verify_rows))
+        draft = draft if k > 0 else None
     width = _round_up(max(len(r) for r in rows), _WIDTH_BUCKET)
     capacity = _round_up(capacity_for(width, max_new_tokens, k), _CAPACITY_BUCKET)
     spec = EngineSpec(

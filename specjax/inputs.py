@@ -103,7 +103,7 @@ def validate_settings(max_new_tokens, num_draft_tokens, temperature, top_k, top_
         raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 disables it)")
 
 
-def validate_draft_settings(adaptive, confidence_threshold, min_acceptance) -> None:
+def validate_draft_settings(adaptive, confidence_threshold, min_acceptance, max_verify_rows=None) -> None:
     """Raise ValueError, naming the value, for drafting settings outside their ranges."""
     if not isinstance(adaptive, (bool, np.bool_)):
         raise ValueError(f"adaptive={adaptive!r} must be True or False")
@@ -111,6 +111,8 @@ def validate_draft_settings(adaptive, confidence_threshold, min_acceptance) -> N
         raise ValueError(f"confidence_threshold={confidence_threshold!r} must be in [0, 1] (0 disables it)")
     if not (_is_real(min_acceptance) and 0 <= min_acceptance <= 1):
         raise ValueError(f"min_acceptance={min_acceptance!r} must be in [0, 1] (0 never pauses drafting)")
+    if max_verify_rows is not None and not (_is_int(max_verify_rows) and max_verify_rows >= 0):
+        raise ValueError(f"max_verify_rows={max_verify_rows!r} must be an integer >= 0 (0 sets no limit)")
 
 
 def check_request(target, draft, rows, max_new_tokens, num_draft_tokens, temperature, top_k, top_p):

@@ -210,7 +210,7 @@ def write_model_card(folder: Path, name: str, model: Model, metrics: dict, accep
         f"- Training command: `{command}`",
         f"- Steps: {metrics['step']}; final training loss {metrics['train_loss']:.3f}; held-out",
         f"  loss {metrics['held_out_loss']:.3f} (cross-entropy in nats per token).",
-        f"- Greedy acceptance of the draft against the target at K=4, measured on 16 held-out",
+        "- Greedy acceptance of the draft against the target at K=4, measured on 16 held-out",
         f"  prompts of 32 tokens with 64 new tokens each: {acceptance:.3f}.",
         "",
     ]

@@ -24,6 +24,14 @@ _cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 jax.config.update("jax_compilation_cache_dir", str(_cache_root / "specjax-tests" / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
+
+@pytest.fixture(autouse=True)
+def no_verify_row_limit(monkeypatch):
+    """Exactness tests draft the K they ask for at any batch size. The batch limit that
+    lowers K on CPU is tested where it is named (test_batch_limit.py), which restores it."""
+    monkeypatch.setattr("specjax.schedule.CPU_VERIFY_ROWS", 0)
+
+
 TEXT = "ROMEO: But soft, what light through yonder window breaks? It is the east. " * 20
 
 

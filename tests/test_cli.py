@@ -56,6 +56,7 @@ def test_explicit_folders_match_defaults(shipped, capsys):
         (["--draft", "/nonexistent/model"], "--draft /nonexistent/model: folder not found"),
         (["--min-acceptance", "2"], "--min-acceptance=2.0"),
         (["--confidence-threshold", "-0.1"], "--confidence-threshold=-0.1"),
+        (["--max-verify-rows", "-1"], "--max-verify-rows=-1 must be an integer >= 0 (0 sets no limit)"),
     ],
 )
 def test_bad_input_one_line_error(shipped, capsys, arguments, message):
@@ -130,7 +131,8 @@ def test_bench_prints_table(shipped, capsys):
     assert labels == ["K=1", "K=2", "adaptive<=2"]
     batch_rows = [line.split() for line in lines if line.strip()[:1].isdigit()]
     assert [row[0] for row in batch_rows] == ["1", "2"]
-    assert all(float(value) > 0 for row in batch_rows for value in row[1:])
+    assert all(float(value) > 0 for row in batch_rows for value in row[1:3])
+    assert [row[3] for row in batch_rows] == ["4", "4"]  # the K used; conftest lifts the CPU limit
     assert "10/10" in captured.err
 
 
@@ -192,6 +194,19 @@ def test_no_draft_notes_unused_drafting_options(shipped, capsys):
     assert "note: --num-draft-tokens, --fixed-k apply only with a draft" in capsys.readouterr().err
     assert main(["generate", "ROMEO:", "--no-draft", "--max-new-tokens", "4"]) == 0
     assert "apply only with a draft" not in capsys.readouterr().err
+
+
+def test_lowered_k_is_noted(shipped, capsys, monkeypatch):
+    monkeypatch.setattr("specjax.schedule.CPU_VERIFY_ROWS", 8)
+    assert main(["generate", "ROMEO:", "--num-draft-tokens", "8", "--max-new-tokens", "4", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "note: K lowered from 8 to 7" in captured.err
+    assert json.loads(captured.out)["stats"]["num_draft_tokens"] == 7
+    assert main(["generate", "ROMEO:", "--num-draft-tokens", "8", "--max-new-tokens", "4", "--json",
+                 "--max-verify-rows", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "K lowered" not in captured.err
+    assert json.loads(captured.out)["stats"]["num_draft_tokens"] == 8
 
 
 def test_target_without_tokenizer(shipped, tmp_path, capsys):
