@@ -4,7 +4,8 @@
 
 Each batch repeats the prompt in every row (rows sample independently at T > 0; under
 greedy they decode the same text). Speculative decoding drafts adaptively with K up to 4,
-which `generate` lowers at larger batches (`max_verify_rows`; 0 keeps K = 4 everywhere). Writes benchmarks/results/batch_scaling.json.
+which `generate` lowers at larger batches (`max_verify_rows`; 0 keeps K = 4 everywhere), and
+an int8 draft as the command line loads it on CPU (--draft-quantize none for float32). Writes benchmarks/results/batch_scaling.json.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import specjax  # noqa: E402
-from common import machine_record, write_record  # noqa: E402
+from common import add_draft_quantize, load_draft, machine_record, write_record  # noqa: E402
 from specjax.cli import shipped_models_dir  # noqa: E402
 
 
@@ -35,10 +36,11 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-verify-rows", type=int, help="generate's max_verify_rows (default: its own)")
+    add_draft_quantize(parser)
     args = parser.parse_args()
 
     target = specjax.load(args.models / "shakespeare-target")
-    draft = specjax.load(args.models / "shakespeare-draft")
+    draft = load_draft(args.models / "shakespeare-draft", args.draft_quantize)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, num_draft_tokens=4,
                     max_verify_rows=args.max_verify_rows)
     rows = []

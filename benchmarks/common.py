@@ -48,3 +48,15 @@ def write_record(name: str, record: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def add_draft_quantize(parser) -> None:
+    parser.add_argument("--draft-quantize", choices=["int8", "int4", "none"], default="int8",
+                        help="load the draft quantized, as specjax generate does on CPU (default int8)")
+
+
+def load_draft(folder: Path, choice: str):
+    """Load the draft as `specjax generate` does: int8 or int4 with 128-row groups, or float."""
+    import specjax
+
+    return specjax.load(folder) if choice == "none" else specjax.load(folder, quantize=choice)

@@ -1,14 +1,15 @@
 """Speculative vs plain decoding on the shipped pair for K = 1..8, against the analytic bound.
 
-    python benchmarks/speedup_vs_k.py [--max-new-tokens 256] [--repeats 3]
+    python benchmarks/speedup_vs_k.py [--max-new-tokens 256] [--repeats 3] [--draft-quantize none]
 
 For each temperature (greedy and 0.8) and K, plain and speculative runs alternate so that
 both see the same machine load; the speedup is the ratio of median tokens/s. Fixed K runs
 for K = 1..max, then adaptive drafting with K up to 4 and up to max. The draft to target
 cost ratio c is one 1-token draft forward over one 1-token target forward, each timed
 inside a compiled loop. The bound uses the per-token acceptance that reproduces the
-measured tokens per target call. Writes benchmarks/results/speedup_vs_k.json and
-speedup_vs_k.png.
+measured tokens per target call. The draft loads as int8, as the command line loads it
+on CPU, unless --draft-quantize selects another setting. Writes benchmarks/results/speedup_vs_k.json
+and speedup_vs_k.png, with a suffix such as _draft_none for another draft setting.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import specjax  # noqa: E402
-from common import RESULTS, machine_record, write_record  # noqa: E402
+from common import RESULTS, add_draft_quantize, load_draft, machine_record, write_record  # noqa: E402
 from specjax.bench import fitted_acceptance, forward_seconds, speedup_bound  # noqa: E402
 from specjax.cli import shipped_models_dir  # noqa: E402
 
@@ -67,10 +68,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-k", type=int, default=8)
+    add_draft_quantize(parser)
     args = parser.parse_args()
 
     target = specjax.load(args.models / "shakespeare-target")
-    draft = specjax.load(args.models / "shakespeare-draft")
+    draft = load_draft(args.models / "shakespeare-draft", args.draft_quantize)
     # Loops of 100 forwards: a loop of 20 draft forwards lasts about 3 ms, short enough
     # for one pause of the shared machine to double its time.
     target_seconds, draft_seconds = forward_seconds(target, repeats=100), forward_seconds(draft, repeats=100)
@@ -124,15 +126,17 @@ def main() -> None:
             )
     record = {
         **machine_record(),
-        "settings": {"max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "prompt": PROMPT},
+        "settings": {"max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "prompt": PROMPT,
+                     "draft_quantize": args.draft_quantize},
         "target_forward_seconds": target_seconds,
         "draft_forward_seconds": draft_seconds,
         "cost_ratio": cost_ratio,
         "verify_cost_ratios": verify_ratios,
         "rows": rows,
     }
-    print(f"wrote {write_record('speedup_vs_k', record)}")
-    plot(rows, RESULTS / "speedup_vs_k.png")
+    name = "speedup_vs_k" + ("" if args.draft_quantize == "int8" else f"_draft_{args.draft_quantize}")
+    print(f"wrote {write_record(name, record)}")
+    plot(rows, RESULTS / f"{name}.png")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,8 @@ def add_parser(commands) -> None:
     bench.add_argument("--ks", type=integer, nargs="+", default=[2, 4, 6], help="draft lengths K to try (default 2 4 6)")
     bench.add_argument("--batches", type=integer, nargs="+", default=[1, 4, 8], help="batch sizes (default 1 4 8)")
     bench.add_argument("--repeats", type=integer, default=2, help="timed calls per setting (default 2)")
+    bench.add_argument("--draft-quantize", choices=["int8", "int4", "none"],
+                       help="quantize the draft (default int8 on CPU, as specjax generate)")
 
 
 def validate(args: argparse.Namespace) -> None:

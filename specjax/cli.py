@@ -17,7 +17,7 @@ from specjax.arguments import integer, number, positive_integer
 DEFAULT_PROMPT = "ROMEO:"
 # Defaults of the drafting options, which `generate` notes as unused with --no-draft.
 DRAFT_DEFAULTS = {"num_draft_tokens": 4, "fixed_k": False, "min_acceptance": 0.4, "confidence_threshold": 0.0,
-                  "max_verify_rows": None}
+                  "max_verify_rows": None, "draft_quantize": None}
 
 
 def shipped_models_dir() -> Path:
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--group-size", type=_group_size,
                      help="input rows per quantization scale with --quantize: 32, 64, 128 (default), "
                           "or channel for one scale per output column")
+    gen.add_argument("--draft-quantize", choices=["int8", "int4", "none"],
+                     help="quantize the draft alone, which never changes the output (default: as "
+                          "--quantize, else int8 for a float32 draft on CPU)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text and statistics")
     from specjax import bench
 
@@ -130,8 +133,8 @@ def run_generate(args: argparse.Namespace) -> int:
     models = shipped_models_dir()
     if args.draft is not None and args.no_draft:
         raise ValueError("--draft and --no-draft contradict each other; pass one of them")
-    if args.quantize is None and args.group_size is not None:
-        raise ValueError("--group-size needs --quantize int4 or int8")
+    if args.quantize is None and args.draft_quantize in (None, "none") and args.group_size is not None:
+        raise ValueError("--group-size needs --quantize or --draft-quantize int4 or int8")
     if args.quantize is None and args.quantize_embeddings:
         raise ValueError("--quantize-embeddings needs --quantize int4 or int8")
     # Check the settings before the slow model load, so a typo fails at once.
@@ -164,7 +167,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--target {target_dir} has no tokenizer.json, which the command line needs "
                          "to encode the prompt; add it to the folder, or call specjax.generate with "
                          "token ids from Python")
-    draft = specjax.load(draft_dir, dtype=args.dtype, **quantization) if draft_dir else None
+    draft = specjax.load(draft_dir, dtype=args.dtype, **draft_quantization(args, draft_dir)) if draft_dir else None
     enable_compile_cache()
     result = specjax.generate(
         target,
@@ -201,6 +204,33 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def draft_quantization(args: argparse.Namespace, folder: Path) -> dict:
+    """Return the quantization keywords of `specjax.load` for the draft: --draft-quantize
+    when given, else those of --quantize, else int8 for a float32 draft on CPU, where the
+    draft's smaller weights leave more of the cache to the target's."""
+    import jax
+
+    from specjax.checkpoint import load_config
+
+    choice, quantize = args.draft_quantize, getattr(args, "quantize", None)
+    group_size = getattr(args, "group_size", None)
+    if choice is None and quantize is not None:
+        choice = quantize
+    elif choice is None:
+        float32 = getattr(args, "dtype", None) in (None, "float32")
+        choice = "int8" if float32 and jax.default_backend() == "cpu" else "none"
+        group_size = None
+    if choice == "none":
+        return {}
+    if group_size is None:
+        # 128 rows per scale where every layer's input width allows it, else one per column.
+        config = load_config(folder)
+        widths = (config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim)
+        group_size = 128 if all(width % 128 == 0 for width in widths) else "channel"
+    return {"quantize": choice, "group_size": None if group_size == "channel" else group_size,
+            "quantize_embeddings": getattr(args, "quantize_embeddings", False)}
+
+
 def _check_folder(option: str, folder: Path) -> None:
     """Raise ValueError, naming `option`, unless `folder` is a folder with a config.json."""
     expected = "pass a Hugging Face model folder (config.json, model.safetensors, tokenizer.json)"
@@ -223,7 +253,7 @@ def run_bench(args: argparse.Namespace) -> int:
     _check_folder("--target", target_dir)
     _check_folder("--draft", draft_dir)
     print(f"loading {target_dir} and {draft_dir}", file=sys.stderr, flush=True)
-    target, draft = specjax.load(target_dir), specjax.load(draft_dir)
+    target, draft = specjax.load(target_dir), specjax.load(draft_dir, **draft_quantization(args, draft_dir))
     enable_compile_cache()
     print("\n".join(bench.run(args, target, draft)))
     return 0

@@ -1,5 +1,6 @@
 """The `specjax generate` and `specjax bench` commands on tiny model folders made by the test."""
 
+import argparse
 import json
 import re
 import subprocess
@@ -7,7 +8,8 @@ import sys
 
 import pytest
 
-from specjax.cli import main
+from specjax import Model, ModelConfig, save
+from specjax.cli import draft_quantization, main
 
 def test_generate_prints_text_and_stats(shipped, capsys):
     assert main(["generate", "ROMEO:", "--max-new-tokens", "8"]) == 0
@@ -228,3 +230,33 @@ def test_warnings_take_one_line(shipped, monkeypatch):
     assert main(["generate", "ROMEO:", "--max-new-tokens", "2", "--no-draft"]) == 0
     line = warnings.formatwarning("a test warning", RuntimeWarning, "cli.py", 8, "sys.exit(main())")
     assert line == "specjax: warning: a test warning\n"
+
+
+def _namespace(**settings):
+    defaults = dict(draft_quantize=None, quantize=None, group_size=None, dtype=None, quantize_embeddings=False)
+    return argparse.Namespace(**(defaults | settings))
+
+
+def test_draft_quantization_defaults(shipped, tmp_path):
+    draft = shipped / "shakespeare-draft"  # widths 32 and 64: one scale per column
+    assert draft_quantization(_namespace(), draft) == {"quantize": "int8", "group_size": None,
+                                                       "quantize_embeddings": False}
+    assert draft_quantization(_namespace(draft_quantize="none"), draft) == {}
+    assert draft_quantization(_namespace(dtype="bfloat16"), draft) == {}
+    follows = draft_quantization(_namespace(quantize="int4", group_size=32), draft)
+    assert follows == {"quantize": "int4", "group_size": 32, "quantize_embeddings": False}
+    wide = tmp_path / "wide"
+    save(Model.random(ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=1,
+                                  num_heads=2, num_kv_heads=1, head_dim=64), seed=0), wide)
+    assert draft_quantization(_namespace(), wide)["group_size"] == 128
+
+
+def test_draft_quantize_keeps_greedy_output(shipped, capsys):
+    outputs = []
+    for choice in ("none", "int8", "int4"):
+        group = [] if choice == "none" else ["--group-size", "channel"]
+        arguments = ["generate", "ROMEO:", "--max-new-tokens", "8", "--json", "--draft-quantize", choice]
+        assert main(arguments + group) == 0
+        outputs.append(json.loads(capsys.readouterr().out)["tokens"])
+    assert outputs[1] == outputs[0]
+    assert outputs[2] == outputs[0]

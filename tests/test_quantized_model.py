@@ -220,10 +220,17 @@ def test_cli_quantize_embeddings_matches_plain(shipped, capsys):
     assert speculative["tokens"] == plain["tokens"]
 
 
-@pytest.mark.parametrize("option", [["--quantize-embeddings"], ["--group-size", "64"]])
-def test_cli_quantize_option_needs_quantize(shipped, capsys, option):
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--quantize-embeddings"], "--quantize-embeddings needs --quantize int4 or int8"),
+        (["--group-size", "64"], "--group-size needs --quantize or --draft-quantize int4 or int8"),
+        (["--group-size", "64", "--draft-quantize", "none"], "--group-size needs --quantize or --draft-quantize"),
+    ],
+)
+def test_cli_quantize_option_needs_quantize(shipped, capsys, option, message):
     assert main(["generate", "ROMEO:", *option]) == 2
-    assert f"{option[0]} needs --quantize int4 or int8" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_cli_group_size_rejects_unsupported(capsys):
