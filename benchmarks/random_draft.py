@@ -5,8 +5,9 @@
 A useless draft is almost never accepted. With K fixed, every step pays for K draft
 forwards and a K+1-token target forward to emit one token; adaptive drafting pauses the
 draft instead. Plain, adaptive and fixed-K runs alternate within each round, and the
-slowdowns are medians of each round's ratio to plain. Writes
-benchmarks/results/random_draft.json.
+slowdowns are medians of each round's ratio to plain. The random draft is quantized to
+int8, as the command line loads a float32 draft on CPU (--draft-quantize none keeps it
+float32). Writes benchmarks/results/random_draft.json.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import specjax  # noqa: E402
-from common import machine_record, write_record  # noqa: E402
+from common import add_draft_quantize, machine_record, write_record  # noqa: E402
 from specjax.cli import shipped_models_dir  # noqa: E402
+from specjax.quantized import quantize_model  # noqa: E402
 
 
 def main() -> None:
@@ -29,11 +31,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--num-draft-tokens", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    add_draft_quantize(parser)
     args = parser.parse_args()
 
     target = specjax.load(args.models / "shakespeare-target")
     shipped_draft = specjax.load(args.models / "shakespeare-draft")
     random_draft = specjax.Model.random(shipped_draft.config, seed=123, tokenizer=target.tokenizer)
+    if args.draft_quantize != "none":
+        random_draft = quantize_model(random_draft, args.draft_quantize)
     settings = dict(max_new_tokens=args.max_new_tokens, num_draft_tokens=args.num_draft_tokens)
     runs = {
         "plain": lambda: specjax.generate(target, "ROMEO:\n", **settings),
