@@ -59,6 +59,8 @@ class Schedule:
 # in 128-token rounds of the shipped pair against plain decoding, batch 2 ran at 1.38x with
 # K = 3 and 1.36x with K = 4, batch 4 at 1.14x with K = 1 and 0.95x with K = 4, and batch 8
 # at 0.85x with K = 1 and 0.70x with K = 4.
+# NOTE: measured on that machine only; with more cores per unit of memory bandwidth the
+# crossover likely lies at more rows.
 CPU_VERIFY_ROWS = 8
 
 
