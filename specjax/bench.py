@@ -164,6 +164,18 @@ def validate(args: argparse.Namespace) -> None:
                          f"from 1 to {MAX_DRAFT_TOKENS}")
 
 
+def check_length(args: argparse.Namespace, target) -> None:
+    """Raise ValueError, in option terms, when --max-new-tokens does not fit after the
+    bench's own prompt."""
+    if target.tokenizer is None:
+        return  # generate names the missing tokenizer
+    room = target.config.max_position_embeddings - len(target.tokenizer.encode(PROMPT).ids)
+    if args.max_new_tokens > room:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} does not fit the target's "
+                         f"max_position_embeddings={target.config.max_position_embeddings} after the "
+                         f"bench's prompt {PROMPT!r}; use --max-new-tokens <= {room}")
+
+
 def run(args: argparse.Namespace, target, draft) -> list[str]:
     """Measure and return the table's lines."""
     import specjax

@@ -145,15 +145,19 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.temperature == 0 and (args.top_k or args.top_p != 1.0):
         print("note: --top-k and --top-p apply only when sampling; with --temperature 0 the output "
               "is greedy", file=sys.stderr)
-    unused = ["--" + name.replace("_", "-") for name, default in DRAFT_DEFAULTS.items()
-              if getattr(args, name) != default]
-    if args.no_draft and unused:
-        print(f"note: {', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} only with a draft; --no-draft decodes with the "
-              "target alone", file=sys.stderr)
     target_dir = args.target or models / "shakespeare-target"
     draft_dir = args.draft
     if draft_dir is None and args.target is None and not args.no_draft:
         draft_dir = models / "shakespeare-draft"
+    unused = ["--" + name.replace("_", "-") for name, default in DRAFT_DEFAULTS.items()
+              if getattr(args, name) != default]
+    if draft_dir is None and unused:
+        reason = "--no-draft decodes" if args.no_draft else "--target without --draft decodes"
+        print(f"note: {', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} only with a draft; "
+              f"{reason} with the target alone", file=sys.stderr)
+    elif args.fixed_k and args.max_verify_rows is not None:
+        print("note: --max-verify-rows applies only to adaptive drafting; --fixed-k drafts K every step",
+              file=sys.stderr)
 
     _check_folder("--target", target_dir)
     if draft_dir is not None:
@@ -169,21 +173,24 @@ def run_generate(args: argparse.Namespace) -> int:
                          "token ids from Python")
     draft = specjax.load(draft_dir, dtype=args.dtype, **draft_quantization(args, draft_dir)) if draft_dir else None
     enable_compile_cache()
-    result = specjax.generate(
-        target,
-        args.prompt,
-        draft=draft,
-        max_new_tokens=args.max_new_tokens,
-        num_draft_tokens=args.num_draft_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        adaptive=not args.fixed_k,
-        confidence_threshold=args.confidence_threshold,
-        min_acceptance=args.min_acceptance,
-        max_verify_rows=args.max_verify_rows,
-    )
+    with warnings.catch_warnings():
+        # The note below reports the lowered K in option terms instead.
+        warnings.filterwarnings("ignore", message="K lowered")
+        result = specjax.generate(
+            target,
+            args.prompt,
+            draft=draft,
+            max_new_tokens=args.max_new_tokens,
+            num_draft_tokens=args.num_draft_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            adaptive=not args.fixed_k,
+            confidence_threshold=args.confidence_threshold,
+            min_acceptance=args.min_acceptance,
+            max_verify_rows=args.max_verify_rows,
+        )
     stats = result.stats
     if draft is not None and stats.num_draft_tokens < args.num_draft_tokens:
         print(f"note: K lowered from {args.num_draft_tokens} to {stats.num_draft_tokens}, so that a verify "
@@ -254,6 +261,7 @@ def run_bench(args: argparse.Namespace) -> int:
     _check_folder("--draft", draft_dir)
     print(f"loading {target_dir} and {draft_dir}", file=sys.stderr, flush=True)
     target, draft = specjax.load(target_dir), specjax.load(draft_dir, **draft_quantization(args, draft_dir))
+    bench.check_length(args, target)
     enable_compile_cache()
     print("\n".join(bench.run(args, target, draft)))
     return 0

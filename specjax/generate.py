@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Callable, Sequence
 
 import jax
@@ -19,6 +20,7 @@ from specjax.inputs import (
     eos_ids,
     tokenize,
     validate_draft_settings,
+    validate_seed,
 )
 from specjax.model import Model
 from specjax.sampling import SamplingParams
@@ -133,13 +135,23 @@ def generate(
     rows = tokenize(target, prompt)
     check_request(target, draft, rows, max_new_tokens, num_draft_tokens, temperature, top_k, top_p)
     validate_draft_settings(adaptive, confidence_threshold, min_acceptance, max_verify_rows)
+    validate_seed(seed)
     # NumPy scalars pass validation; plain Python numbers keep the static shapes hashable.
     max_new_tokens, num_draft_tokens, top_k = int(max_new_tokens), int(num_draft_tokens), int(top_k)
     temperature, top_p = float(temperature), float(top_p)
 
     k = num_draft_tokens if draft is not None else 0
-    if adaptive:
-        k = schedule.batch_draft_limit(k, len(rows), _verify_rows(max_verify_rows))
+    if adaptive and k > 0:
+        rows_limit = _verify_rows(max_verify_rows)
+        k = schedule.batch_draft_limit(k, len(rows), rows_limit)
+        if k < num_draft_tokens:
+            warnings.warn(
+                f"K lowered from {num_draft_tokens} to {k} for a batch of {len(rows)}, so that a verify "
+                f"forward scores at most max_verify_rows={rows_limit} tokens"
+                + ("; the draft is not used" if k == 0 else "")
+                + " (max_verify_rows=0 lifts the limit, adaptive=False keeps K)",
+                stacklevel=2,
+            )
         draft = draft if k > 0 else None
     width = _round_up(max(len(r) for r in rows), _WIDTH_BUCKET)
     capacity = _round_up(capacity_for(width, max_new_tokens, k), _CAPACITY_BUCKET)

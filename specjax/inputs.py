@@ -124,12 +124,23 @@ def check_request(target, draft, rows, max_new_tokens, num_draft_tokens, tempera
             bad = [t for t in row if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt row {i} has token id {bad[0]} outside the {name}'s vocabulary [0, {vocab})")
+            if len(row) >= limit:
+                raise ValueError(
+                    f"prompt row {i} has {len(row)} tokens, but the {name}'s "
+                    f"max_position_embeddings={limit} leaves no room for a new token; shorten it "
+                    f"to at most {limit - 1} tokens"
+                )
             if len(row) + max_new_tokens > limit:
                 raise ValueError(
                     f"prompt row {i} has {len(row)} tokens; with max_new_tokens={max_new_tokens} that "
                     f"exceeds the {name}'s max_position_embeddings={limit}; use max_new_tokens <= "
                     f"{limit - len(row)} or a shorter prompt"
                 )
+
+
+def validate_seed(seed) -> None:
+    if not _is_int(seed):
+        raise ValueError(f"seed={seed!r} must be an integer")
 
 
 def _is_int(value) -> bool:

@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -193,16 +194,36 @@ def test_long_request_in_option_terms(shipped, capsys):
 def test_no_draft_notes_unused_drafting_options(shipped, capsys):
     assert main(["generate", "ROMEO:", "--no-draft", "--fixed-k", "--num-draft-tokens", "8",
                  "--max-new-tokens", "4"]) == 0
-    assert "note: --num-draft-tokens, --fixed-k apply only with a draft" in capsys.readouterr().err
+    assert "note: --num-draft-tokens, --fixed-k apply only with a draft; --no-draft decodes" in capsys.readouterr().err
     assert main(["generate", "ROMEO:", "--no-draft", "--max-new-tokens", "4"]) == 0
     assert "apply only with a draft" not in capsys.readouterr().err
 
 
+def test_ignored_drafting_options_noted(shipped, capsys):
+    assert main(["generate", "ROMEO:", "--fixed-k", "--max-verify-rows", "4", "--max-new-tokens", "4"]) == 0
+    assert "note: --max-verify-rows applies only to adaptive drafting" in capsys.readouterr().err
+    target = str(shipped / "shakespeare-target")
+    assert main(["generate", "ROMEO:", "--target", target, "--draft-quantize", "int4", "--max-new-tokens", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --draft-quantize applies only with a draft; --target without --draft decodes" in err
+
+
+def test_bench_length_in_option_terms(shipped, capsys):
+    assert main(["bench", "--max-new-tokens", "600"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-new-tokens=600 does not fit" in err
+    assert "use --max-new-tokens <=" in err
+    assert "the prompt has" not in err
+
+
 def test_lowered_k_is_noted(shipped, capsys, monkeypatch):
     monkeypatch.setattr("specjax.schedule.CPU_VERIFY_ROWS", 8)
-    assert main(["generate", "ROMEO:", "--num-draft-tokens", "8", "--max-new-tokens", "4", "--json"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["generate", "ROMEO:", "--num-draft-tokens", "8", "--max-new-tokens", "4", "--json"]) == 0
     captured = capsys.readouterr()
     assert "note: K lowered from 8 to 7" in captured.err
+    assert not [w for w in caught if "K lowered" in str(w.message)]  # the note replaces the warning
     assert json.loads(captured.out)["stats"]["num_draft_tokens"] == 7
     assert main(["generate", "ROMEO:", "--num-draft-tokens", "8", "--max-new-tokens", "4", "--json",
                  "--max-verify-rows", "0"]) == 0

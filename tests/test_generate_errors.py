@@ -88,6 +88,21 @@ def test_prompt_beyond_position_limit(target):
     assert "max_position_embeddings=128" in message
 
 
+@pytest.mark.parametrize("length", [128, 300])
+def test_prompt_alone_beyond_position_limit(target, length):
+    with pytest.raises(ValueError, match=f"prompt row 0 has {length} tokens") as excinfo:
+        generate(target, [1] * length, max_new_tokens=1)
+    message = str(excinfo.value)
+    assert "shorten it to at most 127 tokens" in message
+    assert "<= -" not in message
+
+
+@pytest.mark.parametrize("seed", ["x", 1.5, None, True])
+def test_invalid_seed(target, seed):
+    with pytest.raises(ValueError, match=f"seed={seed!r} must be an integer"):
+        generate(target, [1, 2], seed=seed)
+
+
 def test_prompt_beyond_draft_position_limit(target):
     short_draft = Model.random(tiny_config(max_position_embeddings=32), seed=1)
     with pytest.raises(ValueError, match="draft's max_position_embeddings=32"):
