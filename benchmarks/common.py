@@ -56,7 +56,10 @@ def add_draft_quantize(parser) -> None:
 
 
 def load_draft(folder: Path, choice: str):
-    """Load the draft as `specjax generate` does: int8 or int4 with 128-row groups, or float."""
-    import specjax
+    """Load the draft quantized to `choice` ("int8", "int4" or "none") as `specjax generate` does."""
+    import argparse
 
-    return specjax.load(folder) if choice == "none" else specjax.load(folder, quantize=choice)
+    import specjax
+    from specjax.cli import draft_quantization
+
+    return specjax.load(folder, **draft_quantization(argparse.Namespace(draft_quantize=choice), folder))

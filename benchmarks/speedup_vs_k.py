@@ -95,7 +95,7 @@ def main() -> None:
                 "temperature": temperature,
                 "num_draft_tokens": k,
                 "adaptive": adaptive,
-                "num_draft_tokens_used": stats.num_draft_tokens,  # adaptive drafting caps K at 7 on CPU
+                "num_draft_tokens_used": stats.num_draft_tokens,  # adaptive drafting lowers K = 8 to 7 on CPU
                 "plain_tokens_per_second": plain_rate,
                 "speculative_tokens_per_second": spec_rate,
                 "speedup": spec_rate / plain_rate,

@@ -193,9 +193,9 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     stats = result.stats
     if draft is not None and stats.num_draft_tokens < args.num_draft_tokens:
-        print(f"note: K lowered from {args.num_draft_tokens} to {stats.num_draft_tokens}, so that a verify "
-              f"forward scores at most {stats.num_draft_tokens + 1} tokens; --max-verify-rows 0 lifts the "
-              "limit, --fixed-k keeps K", file=sys.stderr)
+        print(f"note: K lowered from {args.num_draft_tokens} to {stats.num_draft_tokens} by the limit on "
+              "tokens per verify forward (--max-verify-rows, 8 on CPU); --max-verify-rows 0 lifts it, "
+              "--fixed-k keeps K", file=sys.stderr)
     if args.json:
         record = {
             "text": result.text[0] if result.text else None,
@@ -224,8 +224,8 @@ def draft_quantization(args: argparse.Namespace, folder: Path) -> dict:
     if choice is None and quantize is not None:
         choice = quantize
     elif choice is None:
-        float32 = getattr(args, "dtype", None) in (None, "float32")
-        choice = "int8" if float32 and jax.default_backend() == "cpu" else "none"
+        float32_draft = getattr(args, "dtype", None) in (None, "float32")
+        choice = "int8" if float32_draft and jax.default_backend() == "cpu" else "none"
         group_size = None
     if choice == "none":
         return {}

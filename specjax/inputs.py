@@ -139,6 +139,7 @@ def check_request(target, draft, rows, max_new_tokens, num_draft_tokens, tempera
 
 
 def validate_seed(seed) -> None:
+    """Raise ValueError, naming the value, unless `seed` is an integer."""
     if not _is_int(seed):
         raise ValueError(f"seed={seed!r} must be an integer")
 

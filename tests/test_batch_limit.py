@@ -34,7 +34,7 @@ def cpu_limit(monkeypatch):
         (4, 1, 8, 4),  # 5 rows fit
         (8, 1, 8, 7),
         (4, 2, 8, 3),
-        (4, 3, 8, 1),  # 6 rows; K = 2 would score 9
+        (4, 3, 8, 1),  # 6 rows, since K = 2 would score 9
         (4, 4, 8, 1),
         (4, 5, 8, 0),  # even K = 1 scores 10
         (4, 8, 8, 0),
