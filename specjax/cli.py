@@ -193,8 +193,9 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     stats = result.stats
     if draft is not None and stats.num_draft_tokens < args.num_draft_tokens:
+        limit = "default 8 on CPU" if args.max_verify_rows is None else args.max_verify_rows
         print(f"note: K lowered from {args.num_draft_tokens} to {stats.num_draft_tokens} by the limit on "
-              "tokens per verify forward (--max-verify-rows, 8 on CPU); --max-verify-rows 0 lifts it, "
+              f"tokens per verify forward (--max-verify-rows, {limit}); --max-verify-rows 0 lifts it, "
               "--fixed-k keeps K", file=sys.stderr)
     if args.json:
         record = {
