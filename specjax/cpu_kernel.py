@@ -2,7 +2,8 @@
 
 The sources in `specjax/csrc` (a float32 weight in `row_matmul.cc`, a float32 weight in
 the packed layout of `pack` in `packed_matmul.cc`, an int4 or int8 one in
-`quantized_row_matmul.cc`, attention in `attention.cc`) are compiled with the machine's C++ compiler for its
+`quantized_row_matmul.cc`, attention in `attention.cc`, a draft's decoder layer in
+`draft_layer.cc`) are compiled with the machine's C++ compiler for its
 own CPU (`-march=native`) into one library, whose handlers are registered with XLA as
 FFI targets. The library lands in $XDG_CACHE_HOME/specjax/kernels (default
 ~/.cache/specjax/kernels), named by a digest of the sources, the JAX version, the
@@ -38,8 +39,13 @@ ATTENTION_TARGET = "specjax_attention"
 """The FFI target of decode attention over a float32 cache."""
 PACKED_TARGET = "specjax_packed_matmul"
 """The FFI target of the float32 product with a weight in the packed layout (`pack`)."""
+DRAFT_LAYER_TARGET = "specjax_draft_layer"
+"""The FFI target of a whole decoder layer with int8 weights for one token per row."""
+DRAFT_HEAD_TARGET = "specjax_draft_head"
+"""The FFI target of the final norm and an int8 output layer for one token per row."""
 _HANDLERS = {TARGET: "SpecjaxRowMatmul", QUANTIZED_TARGET: "SpecjaxQuantizedRowMatmul",
-             ATTENTION_TARGET: "SpecjaxAttention", PACKED_TARGET: "SpecjaxPackedMatmul"}
+             ATTENTION_TARGET: "SpecjaxAttention", PACKED_TARGET: "SpecjaxPackedMatmul",
+             DRAFT_LAYER_TARGET: "SpecjaxDraftLayer", DRAFT_HEAD_TARGET: "SpecjaxDraftHead"}
 TARGETS = tuple(_HANDLERS)
 """Every FFI target that `available` registers."""
 MAX_ROWS = 12
@@ -265,3 +271,32 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_ca
     """
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call(ATTENTION_TARGET, out)(q, k, v, k_cache, v_cache, positions.astype(jnp.int32))
+
+
+def draft_layer(x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, k_cache: jax.Array,
+                v_cache: jax.Array, input_norm: jax.Array, post_norm: jax.Array, weights, eps: float):
+    """One decoder layer for one new token per row, with symmetric int8 weights, in one
+    kernel call; `available()` must be True.
+
+    x (B, D), the rotary tables cos and sin (B, H), positions (B,) int32, the layer's
+    float32 caches k_cache (B, KV, S, H) and v_cache (B, KV, H, S), the two norms' weights
+    (D,), and `weights`, the (packed words, scales) of q, k, v, o, gate, up and down in
+    that order. Returns the layer's output (B, D) and the new key and value (B, KV, H),
+    which the caller writes into the cache. H, D and the MLP width must be multiples of 16.
+    """
+    batch, kv_heads, head_dim = x.shape[0], k_cache.shape[1], k_cache.shape[3]
+    outs = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, head_dim), jnp.float32))
+    operands = [x, cos, sin, positions.astype(jnp.int32), k_cache, v_cache, input_norm, post_norm]
+    for words, scales in weights:
+        operands += [words, scales.astype(jnp.float32)]
+    return jax.ffi.ffi_call(DRAFT_LAYER_TARGET, outs)(*operands, eps=np.float32(eps))
+
+
+def draft_head(x: jax.Array, norm: jax.Array, words: jax.Array, scales: jax.Array, eps: float) -> jax.Array:
+    """Logits (B, V) of the final norm's weight (D,) and a symmetric int8 output layer
+    (packed words, scales) for x (B, D), in one kernel call; `available()` must be True."""
+    out = jax.ShapeDtypeStruct((x.shape[0], words.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(DRAFT_HEAD_TARGET, out)(x, norm, words, scales.astype(jnp.float32),
+                                                     eps=np.float32(eps))

@@ -26,6 +26,7 @@ from specjax.model import Model
 from specjax.sampling import SamplingParams
 from specjax import schedule
 from specjax import program_cache
+from specjax.fused_layer import with_fused_layers
 from specjax.xla import compile_program, graph_for_backend, params_for_backend
 
 # Prompt widths and cache capacities are rounded up to these multiples so that nearby
@@ -158,7 +159,8 @@ def generate(
     spec = EngineSpec(
         target=graph_for_backend(target.graphdef, target.params),
         target_config=target.config,
-        draft=None if draft is None else graph_for_backend(draft.graphdef, draft.params),
+        draft=None if draft is None else with_fused_layers(graph_for_backend(draft.graphdef, draft.params),
+                                                            params_for_backend(draft.graphdef, draft.params)),
         draft_config=None if draft is None else draft.config,
         num_draft_tokens=k,
         adaptive=bool(adaptive) and k > 0,

@@ -17,40 +17,22 @@
 #include <cstring>
 #include <vector>
 
+#include "attention.h"
 #include "rows.h"
+#include "vector16.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t IntVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-Vec Load(const float* from) {
-  Vec v;
-  std::memcpy(&v, from, sizeof(v));
-  return v;
-}
-
-void Store(float* to, Vec v) { std::memcpy(to, &v, sizeof(v)); }
-
-// GCC before version 12 lacks __builtin_shufflevector. Its __builtin_shuffle takes the
-// lane indices as a vector instead.
-#if defined(__clang__) || __GNUC__ >= 12
-#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, IntVec{__VA_ARGS__})
-#endif
-
-// Sums the lanes by halves, in an order fixed here rather than by the compiler.
-float Sum(Vec v) {
-  v += SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v += SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v += SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  return v[0] + v[1];
-}
+using specjax::v16::Exp;
+using specjax::v16::IntVec;
+using specjax::v16::kLanes;
+using specjax::v16::Load;
+using specjax::v16::Store;
+using specjax::v16::Sum;
+using specjax::v16::Vec;
 
 // Returns the lane sums of 16 vectors, in order: lane i of the result sums parts[i]. Each
 // level pairs the vectors up and adds every vector's upper lanes to its lower ones. The
@@ -74,29 +56,6 @@ Vec SumEach(const Vec (&parts)[kLanes]) {
   }
   return SHUFFLE(level[0], level[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          SHUFFLE(level[0], level[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-
-// Returns exp(x) for x <= 0, and 0 below -87 (where float32 underflows), as 2^n exp(r)
-// with |r| <= ln(2) / 2 and a degree-6 Taylor polynomial for exp(r). Its error is an
-// estimated one unit in the last place. Written on whole vectors, so it vectorizes on any CPU.
-Vec Exp(Vec x) {
-  const Vec zero = Vec{} + 0.0f;
-  Vec clamped = x < -87.0f ? zero - 87.0f : x;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  Vec shifted = clamped * 1.44269504f + shifter;
-  Vec n = shifted - shifter;
-  Vec r = clamped - n * 0.693145752f - n * 1.42860677e-6f;
-  Vec p = 1.0f / 720 + zero;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  IntVec exponent = (__builtin_convertvector(n, IntVec) + 127) << 23;
-  Vec scale;
-  std::memcpy(&scale, &exponent, sizeof(scale));
-  return x < -87.0f ? zero : p * scale;
 }
 
 // One row's keys and values of one KV head, by position. Positions below `base`, a
@@ -207,7 +166,10 @@ void Attend(const Sequence& seq, const float* q, float* out, int64_t tokens, int
   }
 }
 
-// Computes the attention of row b's queries that share KV head g.
+}  // namespace
+
+namespace specjax {
+
 void AttendHead(const float* qs, const float* ks, const float* vs, const float* kc,
                 const float* vc, const int32_t* pos, float* result, int64_t b, int64_t g,
                 int64_t tokens, int64_t heads, int64_t kv_heads, int64_t slots, int64_t head_dim) {
@@ -245,8 +207,12 @@ void AttendHead(const float* qs, const float* ks, const float* vs, const float* 
       seq.tail_values[h * seq.tail_stride + cached - seq.base + i] = vs[at + h];
   }
   int64_t first = (b * tokens * heads + g * group) * head_dim;
-  Attend(seq, qs + first, result + first, tokens, group, heads * head_dim, lengths.data());
+  ::Attend(seq, qs + first, result + first, tokens, group, heads * head_dim, lengths.data());
 }
+
+}  // namespace specjax
+
+namespace {
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> k_cache,
@@ -271,7 +237,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   specjax::Helpers::Job job;
   job.count = batch * kv_heads;
   job.run = [&](int64_t part) {
-    AttendHead(qs, ks, vs, kc, vc, pos, result, part / kv_heads, part % kv_heads, tokens, heads,
+    specjax::AttendHead(qs, ks, vs, kc, vc, pos, result, part / kv_heads, part % kv_heads, tokens, heads,
                kv_heads, slots, head_dim);
   };
   int64_t threads = std::max<int64_t>(1, pool.num_threads());

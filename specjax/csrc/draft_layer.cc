@@ -1,0 +1,346 @@
+// One decoder layer of a Llama-family model with int8 weights, for one new token per row,
+// as an XLA FFI handler for the CPU backend.
+//
+// Run as separate XLA operations, such a layer is eight kernel calls and about two dozen
+// small fusions, each with a fixed cost of its own. For a draft, whose matrices are
+// small, those costs dominate its forward. This handler computes the whole layer of a
+// row in one pass: h = norm(x); q, k and v from h, rotated by the position's tables;
+// attention over the cached slots below the position and the new token itself; x += o;
+// then x += down(silu(gate(norm(x))) * up(norm(x))). It returns x and the new key and
+// value, which the caller writes into the cache.
+//
+// Its sums run in another order than the separate operations', so its results differ
+// from theirs in the last bits. It is meant for drafts, whose tokens are then checked
+// by the target and so never change the output.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "attention.h"
+#include "rows.h"
+#include "vector16.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using specjax::v16::Exp;
+using specjax::v16::IntVec;
+using specjax::v16::kLanes;
+using specjax::v16::Load;
+using specjax::v16::Store;
+using specjax::v16::Vec;
+
+inline Vec MulAdd(Vec a, Vec b, Vec c) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<Vec>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
+                                               reinterpret_cast<__m512>(c)));
+#else
+  return a * b + c;
+#endif
+}
+
+// A symmetric int8 weight (k, n) in the packed layout of specjax.kernels.formats: code c
+// of word [w, j] sits in bits 8c to 8c + 7 and belongs to input row 4w + c, and
+// W[r, j] = (code - 128) * scales[r / group, j].
+struct Weight {
+  const int32_t* words;
+  const float* scales;
+  int64_t k, n, group;
+};
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+// With VNNI, one instruction multiplies 16 words of 4 unsigned codes by 4 signed bytes and
+// adds the 4 products into 16 integer sums. So x is rounded to int8 first, with one
+// scale per row: q = round(x * 127 / max |x|). For a 1-row product the decoding of the
+// float path below, a shift, a mask and a conversion per 16 codes, cost more than its
+// multiply-adds.
+
+// y[j0 : j0 + 16 V] = scale * (q @ W[:, j0 : j0 + 16 V]) for the int8 row q, packed four to
+// a word, where sums[g] is the sum of q over group g.
+template <int V>
+void Columns(const int32_t* q, const int32_t* sums, float scale, const Weight& w, float* y, int64_t j0) {
+  Vec total[V] = {};
+  for (int64_t g = 0, r0 = 0; r0 < w.k; ++g, r0 += w.group) {
+    __m512i acc[V];
+    for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_si512();
+    for (int64_t r = r0; r < r0 + w.group; r += 4) {
+      const int32_t* row = w.words + (r / 4) * w.n + j0;
+      __m512i x4 = _mm512_set1_epi32(q[r / 4]);
+      for (int v = 0; v < V; ++v)
+        acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_loadu_si512(row + v * kLanes), x4);
+    }
+    for (int v = 0; v < V; ++v) {
+      __m512i centered = _mm512_sub_epi32(acc[v], _mm512_set1_epi32(128 * sums[g]));
+      Vec sum = reinterpret_cast<Vec>(_mm512_cvtepi32_ps(centered));
+      total[v] = MulAdd(Load(w.scales + g * w.n + j0 + v * kLanes), sum, total[v]);
+    }
+  }
+  for (int v = 0; v < V; ++v) Store(y + j0 + v * kLanes, total[v] * scale);
+}
+
+// y[j0:j1] = x @ W[:, j0:j1] for one row x of w.k floats; j0 and j1 are multiples of 16.
+void Product(const float* x, const Weight& w, float* y, int64_t j0 = 0, int64_t j1 = -1) {
+  float largest = 0.0f;
+  for (int64_t r = 0; r < w.k; ++r) largest = std::max(largest, std::fabs(x[r]));
+  float scale = largest > 0.0f ? largest / 127.0f : 1.0f;
+  std::vector<int32_t> q(w.k / 4);
+  int8_t* bytes = reinterpret_cast<int8_t*>(q.data());
+  for (int64_t r = 0; r < w.k; ++r) bytes[r] = static_cast<int8_t>(std::nearbyint(x[r] / scale));
+  int32_t sums[64];  // the checks in Bind keep k / group within this
+  for (int64_t g = 0; g * w.group < w.k; ++g) {
+    int32_t sum = 0;
+    for (int64_t r = g * w.group; r < (g + 1) * w.group; ++r) sum += bytes[r];
+    sums[g] = sum;
+  }
+  int64_t j = j0, end = j1 < 0 ? w.n : j1;
+  for (; j + 4 * kLanes <= end; j += 4 * kLanes) Columns<4>(q.data(), sums, scale, w, y, j);
+  for (; j < end; j += kLanes) Columns<1>(q.data(), sums, scale, w, y, j);
+}
+#else
+// y[j0 : j0 + 16 V] = x @ W[:, j0 : j0 + 16 V] for one row x, where sums[g] is the sum of
+// x over group g. Each group sums x times the codes, then subtracts 128 times its sum.
+template <int V>
+void Columns(const float* x, const float* sums, const Weight& w, float* y, int64_t j0) {
+  Vec total[V] = {};
+  const IntVec mask = IntVec{} + 255;
+  for (int64_t g = 0, r0 = 0; r0 < w.k; ++g, r0 += w.group) {
+    Vec acc[V] = {};
+    for (int64_t r = r0; r < r0 + w.group; r += 4) {
+      const int32_t* row = w.words + (r / 4) * w.n + j0;
+      IntVec words[V];
+      for (int v = 0; v < V; ++v) std::memcpy(&words[v], row + v * kLanes, sizeof(IntVec));
+      for (int c = 0; c < 4; ++c) {
+        Vec xc = Vec{} + x[r + c];
+        for (int v = 0; v < V; ++v)
+          acc[v] = MulAdd(xc, __builtin_convertvector((words[v] >> (8 * c)) & mask, Vec), acc[v]);
+      }
+    }
+    for (int v = 0; v < V; ++v)
+      total[v] = MulAdd(Load(w.scales + g * w.n + j0 + v * kLanes), acc[v] - 128.0f * sums[g], total[v]);
+  }
+  for (int v = 0; v < V; ++v) Store(y + j0 + v * kLanes, total[v]);
+}
+
+// y[j0:j1] = x @ W[:, j0:j1] for one row x of w.k floats; j0 and j1 are multiples of 16.
+void Product(const float* x, const Weight& w, float* y, int64_t j0 = 0, int64_t j1 = -1) {
+  float sums[64];  // the checks in Bind keep k / group within this
+  for (int64_t g = 0; g * w.group < w.k; ++g) {
+    float sum = 0.0f;
+    for (int64_t r = g * w.group; r < (g + 1) * w.group; ++r) sum += x[r];
+    sums[g] = sum;
+  }
+  int64_t j = j0, end = j1 < 0 ? w.n : j1;
+  for (; j + 4 * kLanes <= end; j += 4 * kLanes) Columns<4>(x, sums, w, y, j);
+  for (; j < end; j += kLanes) Columns<1>(x, sums, w, y, j);
+}
+
+#endif
+
+// out = weight * x / sqrt(mean(x^2) + eps), as specjax.model.RMSNorm computes it.
+void Norm(const float* x, const float* weight, int64_t width, float eps, float* out) {
+  Vec squares = Vec{};
+  for (int64_t i = 0; i < width; i += kLanes) {
+    Vec v = Load(x + i);
+    squares = MulAdd(v, v, squares);
+  }
+  float scale = 1.0f / std::sqrt(specjax::v16::Sum(squares) / static_cast<float>(width) + eps);
+  for (int64_t i = 0; i < width; i += kLanes) Store(out + i, Load(weight + i) * (Load(x + i) * scale));
+}
+
+// Rotates `heads` vectors of head_dim floats by the tables, pairing dimension i with
+// i + head_dim / 2 as specjax.model.apply_rope does.
+void Rotate(float* x, int64_t heads, int64_t head_dim, const float* cos, const float* sin) {
+  const int64_t half = head_dim / 2;
+  for (int64_t n = 0; n < heads; ++n) {
+    float* head = x + n * head_dim;
+    for (int64_t i = 0; i < half; ++i) {
+      float low = head[i], high = head[i + half];
+      head[i] = low * cos[i] - high * sin[i];
+      head[i + half] = high * cos[i + half] + low * sin[i + half];
+    }
+  }
+}
+
+// gate = silu(gate) * up, with the sigmoid from exp(-|gate|) so that Exp sees x <= 0.
+void GatedUnit(float* gate, const float* up, int64_t width) {
+  const Vec one = Vec{} + 1.0f;
+  for (int64_t i = 0; i < width; i += kLanes) {
+    Vec g = Load(gate + i);
+    Vec e = Exp(g < 0.0f ? g : -g);
+    Vec sigmoid = (g < 0.0f ? e : one) / (one + e);
+    Store(gate + i, g * sigmoid * Load(up + i));
+  }
+}
+
+struct Layer {
+  int64_t width, heads, kv_heads, head_dim, slots, ffn;
+  float eps;
+  const float *input_norm, *post_norm;
+  Weight q, k, v, o, gate, up, down;
+};
+
+// Computes the layer for row b. `x` holds the row's input and receives its output.
+void Row(const Layer& l, int64_t b, const float* x, const float* cos, const float* sin,
+         const int32_t* positions, const float* k_cache, const float* v_cache, float* x_out,
+         float* k_new, float* v_new) {
+  const int64_t qw = l.heads * l.head_dim, kvw = l.kv_heads * l.head_dim;
+  std::vector<float> buffer(l.width * 2 + qw * 2 + l.ffn * 2);
+  float *h = buffer.data(), *attended = h + l.width, *q = attended + qw, *o = q + qw;
+  float *gate = o + l.width, *up = gate + l.ffn;
+  const float* row = x + b * l.width;
+  Norm(row, l.input_norm, l.width, l.eps, h);
+  Product(h, l.q, q);
+  Product(h, l.k, k_new);
+  Product(h, l.v, v_new);
+  Rotate(q, l.heads, l.head_dim, cos, sin);
+  Rotate(k_new, l.kv_heads, l.head_dim, cos, sin);
+  // The attention of a batch of one row at this row's cache.
+  const float* keys = k_cache + b * kvw * l.slots;
+  const float* values = v_cache + b * kvw * l.slots;
+  for (int64_t g = 0; g < l.kv_heads; ++g)
+    specjax::AttendHead(q, k_new, v_new, keys, values, positions + b, attended, 0, g, 1, l.heads,
+                        l.kv_heads, l.slots, l.head_dim);
+  Product(attended, l.o, o);
+  float* out = x_out + b * l.width;
+  for (int64_t i = 0; i < l.width; i += kLanes) Store(out + i, Load(row + i) + Load(o + i));
+  Norm(out, l.post_norm, l.width, l.eps, h);
+  Product(h, l.gate, gate);
+  Product(h, l.up, up);
+  GatedUnit(gate, up, l.ffn);
+  Product(gate, l.down, o);
+  for (int64_t i = 0; i < l.width; i += kLanes) Store(out + i, Load(out + i) + Load(o + i));
+}
+
+// Returns a weight of `k` rows and `n` columns from its words and scales, or an error
+// message when their shapes do not fit.
+std::string Bind(const char* name, ffi::Buffer<ffi::S32> words, ffi::Buffer<ffi::F32> scales,
+                 int64_t k, int64_t n, Weight* w) {
+  auto wd = words.dimensions(), sd = scales.dimensions();
+  if (wd.size() != 2 || sd.size() != 2 || wd[0] * 4 != k || wd[1] != n || sd[1] != n || sd[0] < 1 ||
+      sd[0] > 64 || k % sd[0] || (k / sd[0]) % 4 || n % kLanes)
+    return std::string("draft_layer: the ") + name + " weight's shapes do not match";
+  *w = Weight{words.typed_data(), scales.typed_data(), k, n, k / sd[0]};
+  return "";
+}
+
+using Words = ffi::Buffer<ffi::S32>;
+using Floats = ffi::Buffer<ffi::F32>;
+
+ffi::Error DraftLayer(ffi::ThreadPool pool, Floats x, Floats cos, Floats sin, ffi::Buffer<ffi::S32> positions,
+                      Floats k_cache, Floats v_cache, Floats input_norm, Floats post_norm, Words qw,
+                      Floats qs, Words kw, Floats ks, Words vw, Floats vs, Words ow, Floats os,
+                      Words gw, Floats gs, Words uw, Floats us, Words dw, Floats ds, float eps,
+                      ffi::ResultBuffer<ffi::F32> x_out, ffi::ResultBuffer<ffi::F32> k_new,
+                      ffi::ResultBuffer<ffi::F32> v_new) {
+  auto xd = x.dimensions(), cd = k_cache.dimensions(), vd = v_cache.dimensions();
+  if (xd.size() != 2 || cd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("draft_layer expects x (B, D) and 4-D caches");
+  Layer l;
+  int64_t batch = xd[0];
+  l.width = xd[1], l.kv_heads = cd[1], l.slots = cd[2], l.head_dim = cd[3], l.eps = eps;
+  l.heads = qw.dimensions().size() == 2 ? qw.dimensions()[1] / std::max<int64_t>(l.head_dim, 1) : 0;
+  l.ffn = gw.dimensions().size() == 2 ? gw.dimensions()[1] : 0;
+  if (cd[0] != batch || vd[0] != batch || vd[1] != l.kv_heads || vd[2] != l.head_dim ||
+      vd[3] != l.slots || l.head_dim % kLanes || l.width % kLanes || l.ffn % kLanes ||
+      l.heads % std::max<int64_t>(l.kv_heads, 1) || l.heads == 0 ||
+      cos.dimensions()[0] != batch || cos.dimensions()[1] != l.head_dim ||
+      positions.dimensions()[0] != batch || input_norm.dimensions()[0] != l.width)
+    return ffi::Error::InvalidArgument("draft_layer: operand shapes do not match");
+  const int64_t qwidth = l.heads * l.head_dim, kvwidth = l.kv_heads * l.head_dim;
+  std::string error = Bind("q", qw, qs, l.width, qwidth, &l.q);
+  if (error.empty()) error = Bind("k", kw, ks, l.width, kvwidth, &l.k);
+  if (error.empty()) error = Bind("v", vw, vs, l.width, kvwidth, &l.v);
+  if (error.empty()) error = Bind("o", ow, os, qwidth, l.width, &l.o);
+  if (error.empty()) error = Bind("gate", gw, gs, l.width, l.ffn, &l.gate);
+  if (error.empty()) error = Bind("up", uw, us, l.width, l.ffn, &l.up);
+  if (error.empty()) error = Bind("down", dw, ds, l.ffn, l.width, &l.down);
+  if (!error.empty()) return ffi::Error::InvalidArgument(error);
+  l.input_norm = input_norm.typed_data(), l.post_norm = post_norm.typed_data();
+  const float *xs = x.typed_data(), *cs = cos.typed_data(), *ss = sin.typed_data();
+  const float *kc = k_cache.typed_data(), *vc = v_cache.typed_data();
+  const int32_t* pos = positions.typed_data();
+  float *xo = x_out->typed_data(), *kn = k_new->typed_data(), *vn = v_new->typed_data();
+  // One part per row, computed whole by one thread.
+  specjax::Helpers::Job job;
+  job.count = batch;
+  job.run = [&](int64_t b) {
+    Row(l, b, xs, cs + b * l.head_dim, ss + b * l.head_dim, pos, kc, vc, xo,
+        kn + b * kvwidth, vn + b * kvwidth);
+  };
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  specjax::Helpers::Get(threads - 1).Run(job);
+  return ffi::Error::Success();
+}
+
+// The final norm and the output layer for one token per row: logits (B, V). Wide
+// vocabularies are split by columns over the helper threads.
+ffi::Error DraftHead(ffi::ThreadPool pool, Floats x, Floats norm, Words words, Floats scales, float eps,
+                     ffi::ResultBuffer<ffi::F32> logits) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || norm.dimensions()[0] != xd[1] || xd[1] % kLanes)
+    return ffi::Error::InvalidArgument("draft_head expects x (B, D) and a norm of D");
+  int64_t batch = xd[0], width = xd[1];
+  Weight w;
+  std::string error = Bind("output", words, scales, width, words.dimensions()[1], &w);
+  if (!error.empty()) return ffi::Error::InvalidArgument(error);
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t chunks = w.n >= 1024 ? threads : 1;
+  int64_t step = (w.n / kLanes + chunks - 1) / chunks * kLanes;
+  const float *xs = x.typed_data(), *weight = norm.typed_data();
+  float* out = logits->typed_data();
+  specjax::Helpers::Job job;
+  job.count = batch * chunks;
+  job.run = [&](int64_t part) {
+    int64_t b = part / chunks, c = part % chunks;
+    std::vector<float> h(width);
+    Norm(xs + b * width, weight, width, eps, h.data());
+    Product(h.data(), w, out + b * w.n, std::min(w.n, c * step), std::min(w.n, (c + 1) * step));
+  };
+  specjax::Helpers::Get(threads - 1).Run(job);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxDraftHead, DraftHead,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Floats>()  // x
+                                  .Arg<Floats>()  // norm
+                                  .Arg<Words>()
+                                  .Arg<Floats>()
+                                  .Attr<float>("eps")
+                                  .Ret<Floats>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxDraftLayer, DraftLayer,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Floats>()  // x
+                                  .Arg<Floats>()  // cos
+                                  .Arg<Floats>()  // sin
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions
+                                  .Arg<Floats>()  // k_cache
+                                  .Arg<Floats>()  // v_cache
+                                  .Arg<Floats>()  // input norm
+                                  .Arg<Floats>()  // post-attention norm
+                                  .Arg<Words>().Arg<Floats>()  // q
+                                  .Arg<Words>().Arg<Floats>()  // k
+                                  .Arg<Words>().Arg<Floats>()  // v
+                                  .Arg<Words>().Arg<Floats>()  // o
+                                  .Arg<Words>().Arg<Floats>()  // gate
+                                  .Arg<Words>().Arg<Floats>()  // up
+                                  .Arg<Words>().Arg<Floats>()  // down
+                                  .Attr<float>("eps")
+                                  .Ret<Floats>()
+                                  .Ret<Floats>()
+                                  .Ret<Floats>());
