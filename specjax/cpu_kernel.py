@@ -40,9 +40,9 @@ ATTENTION_TARGET = "specjax_attention"
 PACKED_TARGET = "specjax_packed_matmul"
 """The FFI target of the float32 product with a weight in the packed layout (`pack`)."""
 DRAFT_LAYER_TARGET = "specjax_draft_layer"
-"""The FFI target of a whole decoder layer with int8 weights for one token per row."""
+"""The FFI target of a whole decoder layer with int8 weights for a few tokens per row."""
 DRAFT_HEAD_TARGET = "specjax_draft_head"
-"""The FFI target of the final norm and an int8 output layer for one token per row."""
+"""The FFI target of the final norm and an int8 output layer."""
 _HANDLERS = {TARGET: "SpecjaxRowMatmul", QUANTIZED_TARGET: "SpecjaxQuantizedRowMatmul",
              ATTENTION_TARGET: "SpecjaxAttention", PACKED_TARGET: "SpecjaxPackedMatmul",
              DRAFT_LAYER_TARGET: "SpecjaxDraftLayer", DRAFT_HEAD_TARGET: "SpecjaxDraftHead"}
@@ -275,19 +275,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_ca
 
 def draft_layer(x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, k_cache: jax.Array,
                 v_cache: jax.Array, input_norm: jax.Array, post_norm: jax.Array, weights, eps: float):
-    """One decoder layer for one new token per row, with symmetric int8 weights, in one
+    """One decoder layer for a few new tokens per row, with symmetric int8 weights, in one
     kernel call; `available()` must be True.
 
-    x (B, D), the rotary tables cos and sin (B, H), positions (B,) int32, the layer's
-    float32 caches k_cache (B, KV, S, H) and v_cache (B, KV, H, S), the two norms' weights
-    (D,), and `weights`, the (packed words, scales) of q, k, v, o, gate, up and down in
-    that order. Returns the layer's output (B, D) and the new key and value (B, KV, H),
-    which the caller writes into the cache. H, D and the MLP width must be multiples of 16.
+    x (B, T, D), the rotary tables cos and sin (B, T, H), positions (B, T) int32 as
+    `specjax.cache.visible` expects them, the layer's float32 caches k_cache (B, KV, S, H)
+    and v_cache (B, KV, H, S), the two norms' weights (D,), and `weights`, the (packed
+    words, scales) of q, k, v, o, gate, up and down in that order. Returns the layer's
+    output (B, T, D) and the new keys and values (B, T, KV, H), which the caller writes
+    into the cache. H, D and the MLP width must be multiples of 16.
     """
-    batch, kv_heads, head_dim = x.shape[0], k_cache.shape[1], k_cache.shape[3]
-    outs = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, head_dim), jnp.float32))
+    batch, tokens = x.shape[:2]
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    entries = jax.ShapeDtypeStruct((batch, tokens, kv_heads, head_dim), jnp.float32)
+    outs = (jax.ShapeDtypeStruct(x.shape, jnp.float32), entries, entries)
     operands = [x, cos, sin, positions.astype(jnp.int32), k_cache, v_cache, input_norm, post_norm]
     for words, scales in weights:
         operands += [words, scales.astype(jnp.float32)]
@@ -295,8 +296,8 @@ def draft_layer(x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Arr
 
 
 def draft_head(x: jax.Array, norm: jax.Array, words: jax.Array, scales: jax.Array, eps: float) -> jax.Array:
-    """Logits (B, V) of the final norm's weight (D,) and a symmetric int8 output layer
-    (packed words, scales) for x (B, D), in one kernel call; `available()` must be True."""
+    """Logits (rows, V) of the final norm's weight (D,) and a symmetric int8 output layer
+    (packed words, scales) for x (rows, D), in one kernel call; `available()` must be True."""
     out = jax.ShapeDtypeStruct((x.shape[0], words.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(DRAFT_HEAD_TARGET, out)(x, norm, words, scales.astype(jnp.float32),
                                                      eps=np.float32(eps))

@@ -1,6 +1,7 @@
-"""A draft's decoder layers in one CPU kernel call each, for forwards of one token per row.
+"""A draft's decoder layers in one CPU kernel call each, for forwards of a few tokens per row.
 
-A draft runs its layers one token at a time, K times per step. Run as separate XLA
+A draft runs its layers one token at a time, K times per step, plus a forward of one or two
+tokens that catches up with the tokens the target emitted. Run as separate XLA
 operations, each of its layers costs about 30 of them, whose fixed costs outweigh the
 arithmetic of its small matrices. `with_fused_layers` marks the layers that
 `specjax.cpu_kernel.draft_layer` can compute whole: symmetric int8 weights (the
@@ -66,7 +67,7 @@ def fusable_head(decoder: Decoder) -> bool:
 
 def with_fused_layers(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef:
     """Return `graphdef` with the layers that the fused kernel computes marked to use it
-    for forwards of one float32 token per row; `graphdef` itself where none qualify, the
+    for forwards of up to `cpu_kernel.MAX_ROWS` float32 tokens per row; `graphdef` itself where none qualify, the
     kernels are unavailable or `FUSE_DRAFT_LAYERS` is off. `params` still fit the result."""
     if not FUSE_DRAFT_LAYERS or jax.default_backend() != "cpu" or not cpu_kernel.available():
         return graphdef
@@ -85,23 +86,22 @@ def with_fused_layers(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef
 
 
 def forward_layer(layer: DecoderLayer, x, positions, rope, k_cache, v_cache):
-    """Compute `layer` for x (B, 1, D) at positions (B, 1) in the fused kernel; the
+    """Compute `layer` for x (B, T, D) at positions (B, T) in the fused kernel; the
     arguments and results are those of `DecoderLayer.__call__`."""
-    cos, sin = rope
     weights = [(linear.packed[...], linear.scales[...]) for linear in _linears(layer)]
     out, k, v = cpu_kernel.draft_layer(
-        x[:, 0], cos[:, 0], sin[:, 0], positions[:, 0], k_cache, v_cache,
-        layer.input_layernorm.weight[...], layer.post_attention_layernorm.weight[...], weights,
-        layer.input_layernorm.eps,
+        x, *rope, positions, k_cache, v_cache, layer.input_layernorm.weight[...],
+        layer.post_attention_layernorm.weight[...], weights, layer.input_layernorm.eps,
     )
     # The new entries depend on the kernel's reads of the cache, so the write comes after them.
-    k_cache, v_cache = write(k_cache, v_cache, k[:, None], v[:, None], positions)
-    return out[:, None], k_cache, v_cache
+    k_cache, v_cache = write(k_cache, v_cache, k, v, positions)
+    return out, k_cache, v_cache
 
 
 def forward_head(decoder: Decoder, x):
-    """Logits (B, 1, V) of `decoder`'s final norm and output layer for x (B, 1, D), in the kernel."""
+    """Logits (B, T, V) of `decoder`'s final norm and output layer for x (B, T, D), in the kernel."""
     head = decoder.lm_head
-    logits = cpu_kernel.draft_head(x[:, 0], decoder.norm.weight[...], head.packed[...], head.scales[...],
+    rows = x.reshape(-1, x.shape[-1])
+    logits = cpu_kernel.draft_head(rows, decoder.norm.weight[...], head.packed[...], head.scales[...],
                                    decoder.norm.eps)
-    return logits[:, None]
+    return logits.reshape(x.shape[:-1] + (-1,))

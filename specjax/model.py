@@ -193,10 +193,11 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
-        self.fused = False  # static: whether 1-token forwards use `specjax.fused_layer`
+        self.fused = False  # static: whether forwards of few tokens use `specjax.fused_layer`
 
     def __call__(self, x, positions, rope, k_cache, v_cache):
-        if self.fused and x.shape[1] == 1 and x.dtype == k_cache.dtype == v_cache.dtype == jnp.float32:
+        few = x.shape[1] <= cpu_kernel.MAX_ROWS
+        if self.fused and few and x.dtype == k_cache.dtype == v_cache.dtype == jnp.float32:
             from specjax.fused_layer import forward_layer  # it imports this module
 
             return forward_layer(self, x, positions, rope, k_cache, v_cache)
@@ -222,7 +223,7 @@ class Decoder(nnx.Module):
             self.lm_head = None
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
-        self.fused_head = False  # static: whether 1-token forwards use `specjax.fused_layer`
+        self.fused_head = False  # static: whether forwards of few tokens use `specjax.fused_layer`
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache):
         """Logits (B, T, V) in float32 for tokens (B, T) at positions (B, T), and the new cache."""
@@ -233,7 +234,7 @@ class Decoder(nnx.Module):
             x, k_cache, v_cache = layer(x, positions, rope, k_cache, v_cache)
             keys.append(k_cache)
             values.append(v_cache)
-        if self.fused_head and tokens.shape[1] == 1 and x.dtype == jnp.float32:
+        if self.fused_head and tokens.shape[1] <= cpu_kernel.MAX_ROWS and x.dtype == jnp.float32:
             from specjax.fused_layer import forward_head  # it imports this module
 
             logits = forward_head(self, x)
