@@ -63,3 +63,23 @@ def load_draft(folder: Path, choice: str):
     from specjax.cli import draft_quantization
 
     return specjax.load(folder, **draft_quantization(argparse.Namespace(draft_quantize=choice), folder))
+
+
+def rotating_rounds(runs: dict, repeats: int, progress: bool = False) -> tuple[dict, dict]:
+    """Call every function of `runs` (name to a function that returns a generation result)
+    once per round, for one round that compiles and then `repeats` timed rounds. Which run
+    follows which moved the ratios by several percent, so every round starts with the
+    next name. Returns the last result and the timed rounds' results, by name."""
+    import sys
+
+    names = list(runs)
+    last, timed = {}, {name: [] for name in names}
+    for round_index in range(repeats + 1):
+        for offset in range(len(names)):
+            name = names[(round_index + offset) % len(names)]
+            last[name] = runs[name]()
+            if round_index:
+                timed[name].append(last[name])
+        if progress:
+            print(f"round {round_index} of {repeats} done", file=sys.stderr)
+    return last, timed

@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import specjax  # noqa: E402
 import specjax.fused_layer as fused_layer  # noqa: E402
-from common import load_draft, machine_record, write_record  # noqa: E402
+from common import load_draft, machine_record, rotating_rounds, write_record  # noqa: E402
 from specjax.cache import init_cache  # noqa: E402
 from specjax.cli import shipped_models_dir  # noqa: E402
 from specjax.model import forward  # noqa: E402
@@ -84,19 +84,11 @@ def main() -> None:
     for k in ks:
         runs[f"K={k} separate"] = speculative(k, False)
         runs[f"K={k} fused"] = speculative(k, True)
-    names = list(runs)
-    rates = {name: [] for name in names}
-    steps = {name: [] for name in names}
-    results = {}
-    for round_index in range(args.repeats + 1):  # round 0 compiles
-        for offset in range(len(names)):
-            name = names[(round_index + offset) % len(names)]
-            results[name] = runs[name]()
-            if round_index:
-                rates[name].append(results[name].stats.tokens_per_second)
-                steps[name].append(results[name].stats.seconds / results[name].stats.target_calls)
-        print(f"round {round_index} of {args.repeats} done", file=sys.stderr)
+    results, timed = rotating_rounds(runs, args.repeats, progress=True)
     fused_layer.FUSE_DRAFT_LAYERS = True
+    names = list(runs)
+    rates = {name: [result.stats.tokens_per_second for result in timed[name]] for name in names}
+    steps = {name: [result.stats.seconds / result.stats.target_calls for result in timed[name]] for name in names}
 
     paired = {name: statistics.median(r / p for r, p in zip(rates[name], rates["plain"])) for name in names}
     rows = {}

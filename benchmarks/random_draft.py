@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import specjax  # noqa: E402
-from common import add_draft_quantize, machine_record, write_record  # noqa: E402
+from common import add_draft_quantize, machine_record, rotating_rounds, write_record  # noqa: E402
 from specjax.cli import shipped_models_dir  # noqa: E402
 from specjax.quantized import quantize_model  # noqa: E402
 
@@ -45,17 +45,8 @@ def main() -> None:
         "adaptive": lambda: specjax.generate(target, "ROMEO:\n", draft=random_draft, **settings),
         "fixed": lambda: specjax.generate(target, "ROMEO:\n", draft=random_draft, adaptive=False, **settings),
     }
-    names = list(runs)
-    rates = {name: [] for name in names}
-    results = {}
-    for round_index in range(args.repeats + 1):  # round 0 compiles
-        # Which run follows which moved the ratio by several percent, so every round
-        # starts with the next contestant.
-        for offset in range(len(names)):
-            name = names[(round_index + offset) % len(names)]
-            results[name] = runs[name]()
-            if round_index:
-                rates[name].append(results[name].stats.tokens_per_second)
+    results, timed = rotating_rounds(runs, args.repeats)
+    rates = {name: [result.stats.tokens_per_second for result in values] for name, values in timed.items()}
     plain, adaptive, fixed = results["plain"], results["adaptive"], results["fixed"]
     median = {name: statistics.median(values) for name, values in rates.items()}
     # The machine's speed drifts within a run, so the headline is the median of each

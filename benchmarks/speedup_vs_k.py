@@ -75,7 +75,7 @@ def main() -> None:
     draft = load_draft(args.models / "shakespeare-draft", args.draft_quantize)
     # Loops of 100 forwards: a loop of 20 draft forwards lasts about 3 ms, short enough
     # for one pause of the shared machine to double its time.
-    target_seconds, draft_seconds = forward_seconds(target, repeats=100), forward_seconds(draft, repeats=100)
+    target_seconds, draft_seconds = forward_seconds(target, repeats=100), forward_seconds(draft, repeats=100, draft=True)
     cost_ratio = draft_seconds / target_seconds
     print(f"one forward: target {target_seconds * 1e3:.2f} ms, draft {draft_seconds * 1e3:.2f} ms, c = {cost_ratio:.3f}")
     # The bound assumes that scoring K+1 tokens costs one target forward; on a CPU it costs more.

@@ -19,19 +19,22 @@ from specjax.arguments import integer
 PROMPT = "ROMEO:\n"
 
 
-def _forward_loop(model, batch: int, tokens: int, context: int, repeats: int):
+def _forward_loop(model, batch: int, tokens: int, context: int, repeats: int, draft: bool = False):
     """Compile `repeats` forwards of `tokens` new tokens per row after `context` cached
-    ones, in one loop that carries the cache as generation does. Returns the compiled
-    loop and its arguments."""
+    ones, in one loop that carries the cache as generation does, and with `draft` in the
+    graph that generation gives a draft. Returns the compiled loop and its arguments."""
     import jax
     import jax.numpy as jnp
 
     from specjax.cache import init_cache
+    from specjax.fused_layer import with_fused_layers
     from specjax.model import forward
     from specjax.xla import compile_program, graph_for_backend, params_for_backend
 
     graphdef = graph_for_backend(model.graphdef, model.params)
     params = params_for_backend(model.graphdef, model.params)
+    if draft:
+        graphdef = with_fused_layers(graphdef, params)
 
     def loop(params, ids, positions, cache):
         def body(_, carry):
@@ -48,13 +51,15 @@ def _forward_loop(model, batch: int, tokens: int, context: int, repeats: int):
     return compile_program(jax.jit(loop).lower(*args), batch), args
 
 
-def forward_seconds(model, batch: int = 1, tokens: int = 1, context: int = 128, repeats: int = 20) -> float:
-    """Return the seconds per forward of `tokens` new tokens per row after `context` cached ones.
+def forward_seconds(model, batch: int = 1, tokens: int = 1, context: int = 128, repeats: int = 20,
+                    draft: bool = False) -> float:
+    """Return the seconds per forward of `tokens` new tokens per row after `context` cached
+    ones, of `model` as generation runs a target, or with `draft` as it runs a draft.
 
     The forwards run in one compiled loop that carries the cache, as in generation, so
     the figure excludes Python dispatch. Returns the median over five such loops.
     """
-    compiled, args = _forward_loop(model, batch, tokens, context, repeats)
+    compiled, args = _forward_loop(model, batch, tokens, context, repeats, draft)
     return loop_seconds(compiled, args, repeats)
 
 
@@ -186,7 +191,7 @@ def run(args: argparse.Namespace, target, draft) -> list[str]:
     settings = [(f"K={k}", dict(num_draft_tokens=k, adaptive=False)) for k in args.ks]
     settings.append((f"adaptive<={max(args.ks)}", dict(num_draft_tokens=max(args.ks))))
     progress = Progress((len(settings) + len(args.batches)) * (args.repeats + 1))
-    target_seconds, draft_seconds = forward_seconds(target), forward_seconds(draft)
+    target_seconds, draft_seconds = forward_seconds(target), forward_seconds(draft, draft=True)
     cost_ratio = draft_seconds / target_seconds
 
     lines = [

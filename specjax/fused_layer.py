@@ -26,7 +26,7 @@ from specjax.quantized import QuantizedLinear
 
 FUSE_DRAFT_LAYERS = os.environ.get("SPECJAX_FUSED_DRAFT", "1") != "0"
 """Whether drafts compute their eligible layers in the fused kernel. SPECJAX_FUSED_DRAFT=0
-turns it off; benchmarks set it to compare."""
+turns it off, and `benchmarks/fused_draft.py` switches it to compare."""
 
 # Graphs with fused layers by the id of the graph they came from: (source graph, graph).
 _graphs: dict[int, tuple[nnx.GraphDef, nnx.GraphDef]] = {}
@@ -39,8 +39,8 @@ def _linears(layer: DecoderLayer) -> tuple:
 
 
 def _int8(linear) -> bool:
-    """Whether the kernels take `linear`: symmetric int8, no bias, at most 64 groups of a
-    multiple of 4 rows, and a multiple of 16 columns."""
+    """Return whether the kernels take `linear`: symmetric int8, no bias, at most 64
+    groups of a multiple of 4 rows, and a multiple of 16 columns."""
     if not isinstance(linear, QuantizedLinear) or linear.bits != 8 or linear.zeros is not None:
         return False
     if linear.bias is not None or linear.input_permutation is not None:
@@ -67,8 +67,9 @@ def fusable_head(decoder: Decoder) -> bool:
 
 def with_fused_layers(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef:
     """Return `graphdef` with the layers that the fused kernel computes marked to use it
-    for forwards of up to `cpu_kernel.MAX_ROWS` float32 tokens per row; `graphdef` itself where none qualify, the
-    kernels are unavailable or `FUSE_DRAFT_LAYERS` is off. `params` still fit the result."""
+    for forwards of up to `cpu_kernel.MAX_ROWS` float32 tokens per row. Returns
+    `graphdef` itself where none qualify, the kernels are unavailable or
+    `FUSE_DRAFT_LAYERS` is off. `params` still fit the result."""
     if not FUSE_DRAFT_LAYERS or jax.default_backend() != "cpu" or not cpu_kernel.available():
         return graphdef
     entry = _graphs.get(id(graphdef))

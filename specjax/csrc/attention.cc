@@ -26,13 +26,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using specjax::v16::Exp;
-using specjax::v16::IntVec;
-using specjax::v16::kLanes;
-using specjax::v16::Load;
-using specjax::v16::Store;
-using specjax::v16::Sum;
-using specjax::v16::Vec;
+using namespace specjax::v16;
 
 // Returns the lane sums of 16 vectors, in order: lane i of the result sums parts[i]. Each
 // level pairs the vectors up and adds every vector's upper lanes to its lower ones. The

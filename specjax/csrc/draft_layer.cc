@@ -33,12 +33,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using specjax::v16::Exp;
-using specjax::v16::IntVec;
-using specjax::v16::kLanes;
-using specjax::v16::Load;
-using specjax::v16::Store;
-using specjax::v16::Vec;
+using namespace specjax::v16;
 
 inline Vec MulAdd(Vec a, Vec b, Vec c) {
 #if defined(__AVX512F__)
@@ -64,8 +59,9 @@ struct Weight {
 // the float path below, which decodes each code with a shift, a mask and a conversion.
 // So x is written as scale * (high + low / 254) with two int8 parts, high = round(x /
 // scale) for scale = max |x| / 127 and low the rounded remainder, and the kernel sums the
-// codes against both. One part alone cost the shipped draft about 2 % of its accepted
-// drafts at K = 6; the two together are within about 1e-5 of max |x| per input.
+// codes against both. Together they are within about 2e-5 of max |x| per input. With
+// one part alone, the shipped draft emitted 2 to 4 % fewer tokens per target call at
+// K = 6 and 7 on a 2-core AMD EPYC.
 constexpr float kLowScale = 254.0f;
 
 // The two int8 parts of a row, packed four to a word, and their sums over each group.
@@ -201,7 +197,7 @@ void Rotate(float* x, int64_t heads, int64_t head_dim, const float* cos, const f
   }
 }
 
-// gate = silu(gate) * up, with the sigmoid from exp(-|gate|) so that Exp sees x <= 0.
+// gate = silu(gate) * up. The sigmoid comes from exp(-|gate|), because Exp takes inputs <= 0 only.
 void GatedUnit(float* gate, const float* up, int64_t width) {
   const Vec one = Vec{} + 1.0f;
   for (int64_t i = 0; i < width; i += kLanes) {
@@ -219,8 +215,8 @@ struct Layer {
   Weight q, k, v, o, gate, up, down;
 };
 
-// Computes the layer for the `tokens` new tokens of row b, whose rows of x, the tables and
-// the positions start at the given pointers; writes the row's outputs and new entries.
+// Computes the layer for the `tokens` new tokens of one row. The pointers point at that
+// row's part of each operand and result.
 void Row(const Layer& l, int64_t tokens, const float* x, const float* cos, const float* sin,
          const int32_t* positions, const float* keys, const float* values, float* out,
          float* k_new, float* v_new) {
@@ -325,7 +321,7 @@ ffi::Error DraftHead(ffi::ThreadPool pool, Floats x, Floats norm, Words words, F
                      ffi::ResultBuffer<ffi::F32> logits) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || norm.dimensions()[0] != xd[1] || xd[1] % kLanes)
-    return ffi::Error::InvalidArgument("draft_head expects x (B, D) and a norm of D");
+    return ffi::Error::InvalidArgument("draft_head expects x (rows, D) and a norm of D");
   int64_t batch = xd[0], width = xd[1];
   Weight w;
   std::string error = Bind("output", words, scales, width, words.dimensions()[1], &w);
