@@ -9,7 +9,8 @@ import platform
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("SPECJAX_BENCHMARK_RESULTS", Path(__file__).resolve().parent / "results"))
+"""The folder that records go to: benchmarks/results, or $SPECJAX_BENCHMARK_RESULTS."""
 
 
 def cpu_model() -> str:

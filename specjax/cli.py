@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize-embeddings", action="store_true",
                      help="with --quantize, quantize the token embeddings too (smaller, slightly less exact)")
     gen.add_argument("--group-size", type=_group_size,
-                     help="input rows per quantization scale with --quantize: 32, 64, 128 (default), "
+                     help="input rows per quantization scale with --quantize or --draft-quantize: "
+                          "32, 64, 128 (default), "
                           "or channel for one scale per output column")
     gen.add_argument("--draft-quantize", choices=["int8", "int4", "none"],
                      help="quantize the draft alone, which never changes the output (default: as "
@@ -194,7 +195,8 @@ def run_generate(args: argparse.Namespace) -> int:
     stats = result.stats
     if draft is not None and stats.num_draft_tokens < args.num_draft_tokens:
         limit = "default 8 on CPU" if args.max_verify_rows is None else args.max_verify_rows
-        print(f"note: K lowered from {args.num_draft_tokens} to {stats.num_draft_tokens} by the limit on "
+        lowered = f"{stats.num_draft_tokens}" + (" (plain decoding)" if stats.num_draft_tokens == 0 else "")
+        print(f"note: K lowered from {args.num_draft_tokens} to {lowered} by the limit on "
               f"tokens per verify forward (--max-verify-rows, {limit}); --max-verify-rows 0 lifts it, "
               "--fixed-k keeps K", file=sys.stderr)
     if args.json:

@@ -138,10 +138,17 @@ def check_request(target, draft, rows, max_new_tokens, num_draft_tokens, tempera
                 )
 
 
+SEED_RANGE = (-(2**63), 2**63 - 1)
+"""The seeds that `jax.random.key` takes: signed 64-bit integers."""
+
+
 def validate_seed(seed) -> None:
-    """Raise ValueError, naming the value, unless `seed` is an integer."""
+    """Raise ValueError, naming the value, unless `seed` is an integer in `SEED_RANGE`."""
     if not _is_int(seed):
         raise ValueError(f"seed={seed!r} must be an integer")
+    low, high = SEED_RANGE
+    if not low <= seed <= high:
+        raise ValueError(f"seed={seed} is out of range; use an integer from -2**63 to 2**63 - 1")
 
 
 def _is_int(value) -> bool:

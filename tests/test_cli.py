@@ -216,6 +216,19 @@ def test_bench_length_in_option_terms(shipped, capsys):
     assert "the prompt has" not in err
 
 
+def test_seed_out_of_range_without_traceback(shipped, capsys):
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "2", "--seed", "9" * 23]) != 0
+    err = capsys.readouterr().err
+    assert "is out of range; use an integer from -2**63 to 2**63 - 1" in err
+    assert "Traceback" not in err
+
+
+def test_k_lowered_to_plain_is_named(shipped, capsys, monkeypatch):
+    monkeypatch.setattr("specjax.schedule.CPU_VERIFY_ROWS", 8)
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "4", "--max-verify-rows", "1"]) == 0
+    assert "note: K lowered from 4 to 0 (plain decoding)" in capsys.readouterr().err
+
+
 def test_lowered_k_is_noted(shipped, capsys, monkeypatch):
     monkeypatch.setattr("specjax.schedule.CPU_VERIFY_ROWS", 8)
     with warnings.catch_warnings(record=True) as caught:

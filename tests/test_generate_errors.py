@@ -103,6 +103,18 @@ def test_invalid_seed(target, seed):
         generate(target, [1, 2], seed=seed)
 
 
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 10**23])
+def test_seed_out_of_range(target, seed):
+    with pytest.raises(ValueError, match=f"seed={seed} is out of range"):
+        generate(target, [1, 2], seed=seed)
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -(2**63)])
+def test_seed_range_ends_accepted(target, seed):
+    result = generate(target, [1, 2], seed=seed, max_new_tokens=2, temperature=1.0)
+    assert len(result.tokens[0]) == 2
+
+
 def test_prompt_beyond_draft_position_limit(target):
     short_draft = Model.random(tiny_config(max_position_embeddings=32), seed=1)
     with pytest.raises(ValueError, match="draft's max_position_embeddings=32"):
