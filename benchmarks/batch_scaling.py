@@ -3,8 +3,9 @@
     python benchmarks/batch_scaling.py [--max-new-tokens 128] [--batches 1 2 4 8 16] [--max-verify-rows N]
 
 Each batch repeats the prompt in every row (rows sample independently at T > 0; under
-greedy they decode the same text). Speculative decoding drafts adaptively with K up to 4,
-which `generate` lowers at larger batches (`max_verify_rows`; 0 keeps K = 4 everywhere), and
+greedy they decode the same text). Speculative decoding drafts adaptively with K up to 6,
+the default, which `generate` lowers at larger batches (`max_verify_rows`; 0 keeps K = 6
+everywhere), and
 an int8 draft as the command line loads it on CPU (--draft-quantize none for float32). Writes benchmarks/results/batch_scaling.json.
 """
 
@@ -41,7 +42,7 @@ def main() -> None:
 
     target = specjax.load(args.models / "shakespeare-target")
     draft = load_draft(args.models / "shakespeare-draft", args.draft_quantize)
-    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, num_draft_tokens=4,
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, num_draft_tokens=6,
                     max_verify_rows=args.max_verify_rows)
     rows = []
     for batch in args.batches:

@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=shipped_models_dir())
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--num-draft-tokens", type=int, default=4)
+    parser.add_argument("--num-draft-tokens", type=int, default=6, help="K, as generate's default (default 6)")
     parser.add_argument("--repeats", type=int, default=5)
     add_draft_quantize(parser)
     args = parser.parse_args()

@@ -214,7 +214,7 @@ def run(args: argparse.Namespace, target, draft) -> list[str]:
             f"{stats.acceptance_rate:>7.2f} {stats.mean_draft_tokens:>12.2f} "
             f"{stats.mean_accepted_length:>12.2f} {bound:>6}"
         )
-    lines += ["", "tokens/s of all rows together, adaptive drafting with K up to 4, which larger",
+    lines += ["", "tokens/s of all rows together, adaptive drafting with the default K, which larger",
               "batches lower (K: the K used; 0 decodes plainly):",
               f"{'batch':>5} {'plain':>9} {'speculative':>12} {'K':>3}"]
     for batch in args.batches:

@@ -16,7 +16,7 @@ from specjax.arguments import integer, number, positive_integer
 
 DEFAULT_PROMPT = "ROMEO:"
 # Defaults of the drafting options, which `generate` notes as unused with --no-draft.
-DRAFT_DEFAULTS = {"num_draft_tokens": 4, "fixed_k": False, "min_acceptance": 0.4, "confidence_threshold": 0.0,
+DRAFT_DEFAULTS = {"num_draft_tokens": 6, "fixed_k": False, "min_acceptance": 0.4, "confidence_threshold": 0.0,
                   "max_verify_rows": None, "draft_quantize": None}
 
 
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft", type=Path, help="draft model folder (default: the shipped draft, unless --target is given)")
     gen.add_argument("--no-draft", action="store_true", help="plain decoding with the target alone")
     gen.add_argument("--max-new-tokens", type=positive_integer, default=64, help="tokens to generate at most (default 64)")
-    gen.add_argument("--num-draft-tokens", type=integer, default=DRAFT_DEFAULTS["num_draft_tokens"], help="maximum draft tokens per step, K (default 4)")
+    gen.add_argument("--num-draft-tokens", type=integer, default=DRAFT_DEFAULTS["num_draft_tokens"], help="maximum draft tokens per step, K (default %(default)s)")
     gen.add_argument("--fixed-k", action="store_true",
                      help="draft K tokens every step instead of adapting the number to the acceptance rate")
     gen.add_argument("--min-acceptance", type=number, default=DRAFT_DEFAULTS["min_acceptance"],

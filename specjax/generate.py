@@ -97,7 +97,7 @@ def generate(
     *,
     draft: Model | None = None,
     max_new_tokens: int = 64,
-    num_draft_tokens: int = 4,
+    num_draft_tokens: int = 6,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,

@@ -51,7 +51,7 @@ def test_limit_values(num_draft, batch, rows, expected):
 
 def test_cpu_default_lowers_k_and_keeps_greedy(target, draft, cpu_limit):
     plain = generate(target, PROMPTS, max_new_tokens=MAX_NEW_TOKENS)
-    with pytest.warns(UserWarning, match="K lowered from 4 to 1 for a batch of 3") as caught:
+    with pytest.warns(UserWarning, match="K lowered from 6 to 1 for a batch of 3") as caught:
         limited = generate(target, PROMPTS, draft=draft, max_new_tokens=MAX_NEW_TOKENS)
     assert "max_verify_rows=8" in str(caught[0].message)
     # 3 rows within 8 scored tokens: K = 1.
@@ -64,7 +64,7 @@ def test_cpu_default_lowers_k_and_keeps_greedy(target, draft, cpu_limit):
 def test_large_batch_decodes_plainly(target, draft, cpu_limit):
     prompts = PROMPTS * 3  # 9 rows: even K = 1 would score 18 tokens
     plain = generate(target, prompts, max_new_tokens=MAX_NEW_TOKENS)
-    with pytest.warns(UserWarning, match="K lowered from 4 to 0 .* the draft is not used"):
+    with pytest.warns(UserWarning, match="K lowered from 6 to 0 .* the draft is not used"):
         limited = generate(target, prompts, draft=draft, max_new_tokens=MAX_NEW_TOKENS)
     assert limited.stats.num_draft_tokens == 0
     assert limited.stats.acceptance_rate is None
@@ -77,16 +77,16 @@ def test_explicit_limit_and_no_limit(target, draft, cpu_limit):
         warnings.simplefilter("error")  # K stays, so nothing is reported
         unlimited = generate(target, PROMPTS, draft=draft, max_new_tokens=MAX_NEW_TOKENS, max_verify_rows=0)
         single = generate(target, PROMPTS[:1], draft=draft, max_new_tokens=MAX_NEW_TOKENS)
-    assert unlimited.stats.num_draft_tokens == 4
-    assert single.stats.num_draft_tokens == 4
-    with pytest.warns(UserWarning, match="K lowered from 4 to 2"):
+    assert unlimited.stats.num_draft_tokens == 6
+    assert single.stats.num_draft_tokens == 6
+    with pytest.warns(UserWarning, match="K lowered from 6 to 2"):
         wide = generate(target, PROMPTS, draft=draft, max_new_tokens=MAX_NEW_TOKENS, max_verify_rows=9)
     assert wide.stats.num_draft_tokens == 2
 
 
 def test_fixed_k_is_not_limited(target, draft, cpu_limit):
     fixed = generate(target, PROMPTS * 3, draft=draft, max_new_tokens=MAX_NEW_TOKENS, adaptive=False)
-    assert fixed.stats.num_draft_tokens == 4
+    assert fixed.stats.num_draft_tokens == 6
     assert fixed.stats.draft_steps == fixed.stats.target_calls
 
 

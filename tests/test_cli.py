@@ -117,7 +117,7 @@ def test_fixed_k_drafts_k_every_call(shipped, capsys):
     fixed = json.loads(capsys.readouterr().out)["stats"]
     assert main(["generate", "ROMEO:", "--json", "--max-new-tokens", "24"]) == 0
     adaptive = json.loads(capsys.readouterr().out)["stats"]
-    assert fixed["mean_draft_tokens"] == 4.0
+    assert fixed["mean_draft_tokens"] == 6.0
     assert fixed["draft_steps"] == fixed["target_calls"]
     assert adaptive["draft_steps"] < adaptive["target_calls"]
     assert adaptive["mean_draft_tokens"] < 4.0
@@ -135,7 +135,7 @@ def test_bench_prints_table(shipped, capsys):
     batch_rows = [line.split() for line in lines if line.strip()[:1].isdigit()]
     assert [row[0] for row in batch_rows] == ["1", "2"]
     assert all(float(value) > 0 for row in batch_rows for value in row[1:3])
-    assert [row[3] for row in batch_rows] == ["4", "4"]  # the K used; conftest lifts the CPU limit
+    assert [row[3] for row in batch_rows] == ["6", "6"]  # the K used; conftest lifts the CPU limit
     assert "10/10" in captured.err
 
 
@@ -226,7 +226,7 @@ def test_seed_out_of_range_without_traceback(shipped, capsys):
 def test_k_lowered_to_plain_is_named(shipped, capsys, monkeypatch):
     monkeypatch.setattr("specjax.schedule.CPU_VERIFY_ROWS", 8)
     assert main(["generate", "ROMEO:", "--max-new-tokens", "4", "--max-verify-rows", "1"]) == 0
-    assert "note: K lowered from 4 to 0 (plain decoding)" in capsys.readouterr().err
+    assert "note: K lowered from 6 to 0 (plain decoding)" in capsys.readouterr().err
 
 
 def test_lowered_k_is_noted(shipped, capsys, monkeypatch):
