@@ -278,12 +278,12 @@ def draft_layer(x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Arr
     """One decoder layer for a few new tokens per row, with symmetric int8 weights, in one
     kernel call; `available()` must be True.
 
-    x (B, T, D), the rotary tables cos and sin (B, T, H), positions (B, T) int32 as
-    `specjax.cache.visible` expects them, the layer's float32 caches k_cache (B, KV, S, H)
-    and v_cache (B, KV, H, S), the two norms' weights (D,), and `weights`, the (packed
-    words, scales) of q, k, v, o, gate, up and down in that order. Returns the layer's
-    output (B, T, D) and the new keys and values (B, T, KV, H), which the caller writes
-    into the cache. H, D and the MLP width must be multiples of 16.
+    Takes x (B, T, D), the rotary tables cos and sin (B, T, H), and positions (B, T) int32
+    as `specjax.cache.visible` expects them. The layer's float32 caches are k_cache
+    (B, KV, S, H) and v_cache (B, KV, H, S), the two norms' weights are (D,), and
+    `weights` lists the (packed words, scales) of q, k, v, o, gate, up and down in that
+    order. Returns the layer's output (B, T, D) and the new keys and values (B, T, KV, H),
+    which the caller writes into the cache. H, D and the MLP width must be multiples of 16.
     """
     batch, tokens = x.shape[:2]
     kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
@@ -296,8 +296,9 @@ def draft_layer(x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Arr
 
 
 def draft_head(x: jax.Array, norm: jax.Array, words: jax.Array, scales: jax.Array, eps: float) -> jax.Array:
-    """Logits (rows, V) of the final norm's weight (D,) and a symmetric int8 output layer
-    (packed words, scales) for x (rows, D), in one kernel call; `available()` must be True."""
+    """Return the logits (rows, V) for x (rows, D) of the final norm with weight `norm` (D,)
+    and a symmetric int8 output layer (packed words, scales), in one kernel call.
+    `available()` must be True."""
     out = jax.ShapeDtypeStruct((x.shape[0], words.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(DRAFT_HEAD_TARGET, out)(x, norm, words, scales.astype(jnp.float32),
                                                      eps=np.float32(eps))

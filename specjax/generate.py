@@ -156,11 +156,15 @@ def generate(
         draft = draft if k > 0 else None
     width = _round_up(max(len(r) for r in rows), _WIDTH_BUCKET)
     capacity = _round_up(capacity_for(width, max_new_tokens, k), _CAPACITY_BUCKET)
+    draft_graph = None
+    if draft is not None:
+        # Only the draft's graph may fuse its layers (see specjax.fused_layer).
+        draft_graph = with_fused_layers(graph_for_backend(draft.graphdef, draft.params),
+                                        params_for_backend(draft.graphdef, draft.params))
     spec = EngineSpec(
         target=graph_for_backend(target.graphdef, target.params),
         target_config=target.config,
-        draft=None if draft is None else with_fused_layers(graph_for_backend(draft.graphdef, draft.params),
-                                                            params_for_backend(draft.graphdef, draft.params)),
+        draft=draft_graph,
         draft_config=None if draft is None else draft.config,
         num_draft_tokens=k,
         adaptive=bool(adaptive) and k > 0,

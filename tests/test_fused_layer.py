@@ -126,7 +126,7 @@ def test_fused_forward_matches_separate_operations(group_size, positions):
 @needs_kernel
 def test_comparison_catches_one_write_position_for_all_rows(monkeypatch):
     # A fused forward that writes every row's entries at the first row's position is wrong,
-    # and the comparison above must say so.
+    # so the comparison above must fail on it.
     real_write = fused_layer.write
 
     def first_row_position(k_cache, v_cache, k, v, positions):

@@ -8,10 +8,11 @@
 
 namespace specjax {
 
-// Computes the attention of row b's queries that share KV head g: q (B, T, N, H), the new
-// keys and values k and v (B, T, KV, H), the caches kc (B, KV, S, H) and vc (B, KV, H, S),
-// positions (B, T); writes rows of `result` shaped like q. The new tokens attend to the
-// slots below the row's first position and to the new tokens up to their own.
+// Computes the attention of row b's queries that share KV head g, and writes it into
+// `result`, shaped like q. The operands are q (B, T, N, H), the new keys and values k and
+// v (B, T, KV, H), the caches kc (B, KV, S, H) and vc (B, KV, H, S), and positions (B, T).
+// The new tokens attend to the slots below the row's first position and to the new
+// tokens up to their own.
 void AttendHead(const float* qs, const float* ks, const float* vs, const float* kc,
                 const float* vc, const int32_t* pos, float* result, int64_t b, int64_t g,
                 int64_t tokens, int64_t heads, int64_t kv_heads, int64_t slots, int64_t head_dim);

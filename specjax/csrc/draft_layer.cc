@@ -4,14 +4,16 @@
 // Run as separate XLA operations, such a layer is eight kernel calls and about two dozen
 // small fusions, each with a fixed cost of its own. For a draft, whose matrices are
 // small, those costs dominate its forward. This handler computes the whole layer of a
-// row in one pass: h = norm(x); q, k and v from h, rotated by the position's tables;
-// attention over the cached slots below the position and the new token itself; x += o;
-// then x += down(silu(gate(norm(x))) * up(norm(x))). It returns x and the new key and
-// value, which the caller writes into the cache.
+// row in one pass. For each new token, h = norm(x), and q, k and v come from h, rotated
+// by the position's tables. Each token attends to the cached slots below the row's first
+// position and to the new tokens up to its own, then x += o and
+// x += down(silu(gate(norm(x))) * up(norm(x))). It returns x and the new keys and values,
+// which the caller writes into the cache.
 //
-// Its sums run in another order than the separate operations', so its results differ
-// from theirs in the last bits. It is meant for drafts, whose tokens are then checked
-// by the target and so never change the output.
+// Its sums run in another order than the separate operations', and with VNNI its products
+// round their inputs (see below), so its logits differ from theirs by about 1e-5 of their
+// range. It is meant for drafts, whose tokens the target checks, so that they never
+// change the output.
 
 #include <algorithm>
 #include <cmath>
@@ -215,8 +217,8 @@ struct Layer {
   Weight q, k, v, o, gate, up, down;
 };
 
-// Computes the layer for the `tokens` new tokens of one row. The pointers point at that
-// row's part of each operand and result.
+// Computes the layer for the `tokens` new tokens of one row. Each pointer addresses that
+// row's part of its operand or result.
 void Row(const Layer& l, int64_t tokens, const float* x, const float* cos, const float* sin,
          const int32_t* positions, const float* keys, const float* values, float* out,
          float* k_new, float* v_new) {
@@ -250,8 +252,8 @@ void Row(const Layer& l, int64_t tokens, const float* x, const float* cos, const
   }
 }
 
-// Returns a weight of `k` rows and `n` columns from its words and scales, or an error
-// message when their shapes do not fit.
+// Fills `w` with a weight of `k` rows and `n` columns from its words and scales. Returns
+// an error message when their shapes do not fit, and an empty string otherwise.
 std::string Bind(const char* name, ffi::Buffer<ffi::S32> words, ffi::Buffer<ffi::F32> scales,
                  int64_t k, int64_t n, Weight* w) {
   auto wd = words.dimensions(), sd = scales.dimensions();
