@@ -3,8 +3,9 @@
 The sources in `specjax/csrc` (a float32 weight in `row_matmul.cc`, a float32 weight in
 the packed layout of `pack` in `packed_matmul.cc`, an int4 or int8 one in
 `quantized_row_matmul.cc`, attention in `attention.cc`, a draft's decoder layer in
-`draft_layer.cc`) are compiled with the machine's C++ compiler for its
-own CPU (`-march=native`) into one library, whose handlers are registered with XLA as
+`draft_layer.cc`, and XLA's view of them all in `handlers.cc`) are compiled with the
+machine's C++ compiler for its own CPU (`-march=native`) into one library, whose
+handlers are registered with XLA as
 FFI targets. The library lands in $XDG_CACHE_HOME/specjax/kernels (default
 ~/.cache/specjax/kernels), named by a digest of the sources, the JAX version, the
 compiler and the CPU, so later processes load it in milliseconds. A failed build leaves
@@ -123,10 +124,10 @@ def _build(compiler: str, path: Path) -> None:
 
 
 def _compile(compiler: str, flags: list[str], folder: Path) -> list[Path]:
-    """Compile every source into `folder` at once, one process per source: the sources
-    take seconds each, mostly for XLA's FFI header."""
+    """Compile every source into `folder` at once, one process per source. The handlers,
+    the only source with XLA's FFI header, take longest, so they start first."""
     jobs = []
-    for source in sorted(SOURCE_DIR.glob("*.cc")):
+    for source in sorted(SOURCE_DIR.glob("*.cc"), key=lambda path: path.name != "handlers.cc"):
         target = folder / f"{source.stem}.o"
         command = [compiler, "-O3", "-std=c++17", "-fPIC", *flags, f"-I{jax.ffi.include_dir()}",
                    "-c", str(source), "-o", str(target)]

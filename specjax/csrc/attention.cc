@@ -1,4 +1,4 @@
-// Decode attention over a KV cache, as an XLA FFI handler for the CPU backend.
+// Decode attention over a KV cache, for the CPU backend.
 //
 // XLA's attention for a few new tokens scores every slot of the cache and masks the
 // unused ones, in about fifteen small operations per layer. This kernel reads only the
@@ -18,11 +18,9 @@
 #include <vector>
 
 #include "attention.h"
+#include "kernels.h"
 #include "rows.h"
 #include "vector16.h"
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
 
 namespace {
 
@@ -206,26 +204,22 @@ void AttendHead(const float* qs, const float* ks, const float* vs, const float* 
 
 }  // namespace specjax
 
-namespace {
-
-ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> k_cache,
-                     ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> positions,
-                     ffi::ResultBuffer<ffi::F32> out) {
+std::string specjax::Attention(int64_t threads, Floats q, Floats k, Floats v, Floats k_cache,
+                               Floats v_cache, Words positions, Floats out) {
   auto qd = q.dimensions(), kd = k.dimensions(), cd = k_cache.dimensions(), vd = v_cache.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || cd.size() != 4 || vd.size() != 4)
-    return ffi::Error::InvalidArgument("attention expects 4-D q, k, v and caches");
+    return std::string("attention expects 4-D q, k, v and caches");
   int64_t batch = qd[0], tokens = qd[1], heads = qd[2], head_dim = qd[3];
   int64_t kv_heads = cd[1], slots = cd[2];
   if (kd[0] != batch || kd[1] != tokens || kd[2] != kv_heads || kd[3] != head_dim ||
       v.dimensions()[2] != kv_heads || cd[0] != batch || cd[3] != head_dim || vd[0] != batch ||
       vd[1] != kv_heads || vd[2] != head_dim || vd[3] != slots || heads % kv_heads ||
       head_dim % kLanes || positions.dimensions()[0] != batch || positions.dimensions()[1] != tokens)
-    return ffi::Error::InvalidArgument("attention: operand shapes do not match");
+    return std::string("attention: operand shapes do not match");
   const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
   const float *kc = k_cache.typed_data(), *vc = v_cache.typed_data();
   const int32_t* pos = positions.typed_data();
-  float* result = out->typed_data();
+  float* result = out.typed_data();
   // Each row and KV head is one part, computed whole by one thread, so the result does
   // not depend on which thread takes it.
   specjax::Helpers::Job job;
@@ -234,20 +228,6 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
     specjax::AttendHead(qs, ks, vs, kc, vc, pos, result, part / kv_heads, part % kv_heads, tokens, heads,
                kv_heads, slots, head_dim);
   };
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
   specjax::Helpers::Get(threads - 1).Run(job);
-  return ffi::Error::Success();
+  return "";
 }
-
-}  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxAttention, Attention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,9 +1,9 @@
 // One decoder layer of a Llama-family model with int8 weights, for a few new tokens per
-// row, as an XLA FFI handler for the CPU backend.
+// row, for the CPU backend.
 //
 // Run as separate XLA operations, such a layer is eight kernel calls and about two dozen
 // small fusions, each with a fixed cost of its own. For a draft, whose matrices are
-// small, those costs dominate its forward. This handler computes the whole layer of a
+// small, those costs dominate its forward. This kernel computes the whole layer of a
 // row in one pass. For each new token, h = norm(x), and q, k and v come from h, rotated
 // by the position's tables. Each token attends to the cached slots below the row's first
 // position and to the new tokens up to its own, then x += o and
@@ -27,11 +27,9 @@
 #endif
 
 #include "attention.h"
+#include "kernels.h"
 #include "rows.h"
 #include "vector16.h"
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
 
 namespace {
 
@@ -254,86 +252,82 @@ void Row(const Layer& l, int64_t tokens, const float* x, const float* cos, const
 
 // Fills `w` with a weight of `k` rows and `n` columns from its words and scales. Returns
 // an error message when their shapes do not fit, and an empty string otherwise.
-std::string Bind(const char* name, ffi::Buffer<ffi::S32> words, ffi::Buffer<ffi::F32> scales,
-                 int64_t k, int64_t n, Weight* w) {
-  auto wd = words.dimensions(), sd = scales.dimensions();
+std::string Bind(const char* name, specjax::DraftMatrix m, int64_t k, int64_t n, Weight* w) {
+  auto wd = m.words.dimensions(), sd = m.scales.dimensions();
   if (wd.size() != 2 || sd.size() != 2 || wd[0] * 4 != k || wd[1] != n || sd[1] != n || sd[0] < 1 ||
       sd[0] > 64 || k % sd[0] || (k / sd[0]) % 4 || n % kLanes)
     return std::string("draft_layer: the ") + name + " weight's shapes do not match";
-  *w = Weight{words.typed_data(), scales.typed_data(), k, n, k / sd[0]};
+  *w = Weight{m.words.typed_data(), m.scales.typed_data(), k, n, k / sd[0]};
   return "";
 }
 
-using Words = ffi::Buffer<ffi::S32>;
-using Floats = ffi::Buffer<ffi::F32>;
+}  // namespace
 
-ffi::Error DraftLayer(ffi::ThreadPool pool, Floats x, Floats cos, Floats sin, ffi::Buffer<ffi::S32> positions,
-                      Floats k_cache, Floats v_cache, Floats input_norm, Floats post_norm, Words qw,
-                      Floats qs, Words kw, Floats ks, Words vw, Floats vs, Words ow, Floats os,
-                      Words gw, Floats gs, Words uw, Floats us, Words dw, Floats ds, float eps,
-                      ffi::ResultBuffer<ffi::F32> x_out, ffi::ResultBuffer<ffi::F32> k_new,
-                      ffi::ResultBuffer<ffi::F32> v_new) {
+std::string specjax::DraftLayer(int64_t threads, Floats x, Floats cos, Floats sin, Words positions,
+                                Floats k_cache, Floats v_cache, Floats input_norm, Floats post_norm,
+                                DraftMatrix q, DraftMatrix k, DraftMatrix v, DraftMatrix o,
+                                DraftMatrix gate, DraftMatrix up, DraftMatrix down, float eps,
+                                Floats x_out, Floats k_new, Floats v_new) {
   auto xd = x.dimensions(), cd = k_cache.dimensions(), vd = v_cache.dimensions();
   if (xd.size() != 3 || cd.size() != 4 || vd.size() != 4 || cos.dimensions().size() != 3 ||
       positions.dimensions().size() != 2)
-    return ffi::Error::InvalidArgument("draft_layer expects x (B, T, D), tables (B, T, H), "
-                                       "positions (B, T) and 4-D caches");
+    return "draft_layer expects x (B, T, D), tables (B, T, H), positions (B, T) and 4-D caches";
   Layer l;
   int64_t batch = xd[0], tokens = xd[1];
   l.width = xd[2], l.kv_heads = cd[1], l.slots = cd[2], l.head_dim = cd[3], l.eps = eps;
-  l.heads = qw.dimensions().size() == 2 ? qw.dimensions()[1] / std::max<int64_t>(l.head_dim, 1) : 0;
-  l.ffn = gw.dimensions().size() == 2 ? gw.dimensions()[1] : 0;
+  auto qd = q.words.dimensions(), gd = gate.words.dimensions();
+  l.heads = qd.size() == 2 ? qd[1] / std::max<int64_t>(l.head_dim, 1) : 0;
+  l.ffn = gd.size() == 2 ? gd[1] : 0;
   if (cd[0] != batch || vd[0] != batch || vd[1] != l.kv_heads || vd[2] != l.head_dim ||
       vd[3] != l.slots || l.head_dim % kLanes || l.width % kLanes || l.ffn % kLanes ||
       l.heads % std::max<int64_t>(l.kv_heads, 1) || l.heads == 0 || cos.dimensions()[0] != batch ||
       cos.dimensions()[1] != tokens || cos.dimensions()[2] != l.head_dim ||
       positions.dimensions()[0] != batch || positions.dimensions()[1] != tokens ||
       input_norm.dimensions()[0] != l.width)
-    return ffi::Error::InvalidArgument("draft_layer: operand shapes do not match");
+    return "draft_layer: operand shapes do not match";
   const int64_t qwidth = l.heads * l.head_dim, kvwidth = l.kv_heads * l.head_dim;
-  std::string error = Bind("q", qw, qs, l.width, qwidth, &l.q);
-  if (error.empty()) error = Bind("k", kw, ks, l.width, kvwidth, &l.k);
-  if (error.empty()) error = Bind("v", vw, vs, l.width, kvwidth, &l.v);
-  if (error.empty()) error = Bind("o", ow, os, qwidth, l.width, &l.o);
-  if (error.empty()) error = Bind("gate", gw, gs, l.width, l.ffn, &l.gate);
-  if (error.empty()) error = Bind("up", uw, us, l.width, l.ffn, &l.up);
-  if (error.empty()) error = Bind("down", dw, ds, l.ffn, l.width, &l.down);
-  if (!error.empty()) return ffi::Error::InvalidArgument(error);
+  std::string error = Bind("q", q, l.width, qwidth, &l.q);
+  if (error.empty()) error = Bind("k", k, l.width, kvwidth, &l.k);
+  if (error.empty()) error = Bind("v", v, l.width, kvwidth, &l.v);
+  if (error.empty()) error = Bind("o", o, qwidth, l.width, &l.o);
+  if (error.empty()) error = Bind("gate", gate, l.width, l.ffn, &l.gate);
+  if (error.empty()) error = Bind("up", up, l.width, l.ffn, &l.up);
+  if (error.empty()) error = Bind("down", down, l.ffn, l.width, &l.down);
+  if (!error.empty()) return error;
   l.input_norm = input_norm.typed_data(), l.post_norm = post_norm.typed_data();
   const float *xs = x.typed_data(), *cs = cos.typed_data(), *ss = sin.typed_data();
   const float *kc = k_cache.typed_data(), *vc = v_cache.typed_data();
   const int32_t* pos = positions.typed_data();
-  float *xo = x_out->typed_data(), *kn = k_new->typed_data(), *vn = v_new->typed_data();
+  float *xo = x_out.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
   // One part per row, computed whole by one thread.
-  specjax::Helpers::Job job;
+  Helpers::Job job;
   job.count = batch;
   job.run = [&](int64_t b) {
     int64_t row = b * tokens, table = row * l.head_dim, entries = row * kvwidth;
     Row(l, tokens, xs + row * l.width, cs + table, ss + table, pos + row, kc + b * kvwidth * l.slots,
         vc + b * kvwidth * l.slots, xo + row * l.width, kn + entries, vn + entries);
   };
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  specjax::Helpers::Get(threads - 1).Run(job);
-  return ffi::Error::Success();
+  Helpers::Get(threads - 1).Run(job);
+  return "";
 }
 
 // The final norm and the output layer for rows of x: logits (rows, V). Wide
 // vocabularies are split by columns over the helper threads.
-ffi::Error DraftHead(ffi::ThreadPool pool, Floats x, Floats norm, Words words, Floats scales, float eps,
-                     ffi::ResultBuffer<ffi::F32> logits) {
+std::string specjax::DraftHead(int64_t threads, Floats x, Floats norm, DraftMatrix output, float eps,
+                               Floats logits) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || norm.dimensions()[0] != xd[1] || xd[1] % kLanes)
-    return ffi::Error::InvalidArgument("draft_head expects x (rows, D) and a norm of D");
+    return "draft_head expects x (rows, D) and a norm of D";
   int64_t batch = xd[0], width = xd[1];
+  auto od = output.words.dimensions();
   Weight w;
-  std::string error = Bind("output", words, scales, width, words.dimensions()[1], &w);
-  if (!error.empty()) return ffi::Error::InvalidArgument(error);
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  std::string error = Bind("output", output, width, od.size() == 2 ? od[1] : 0, &w);
+  if (!error.empty()) return error;
   int64_t chunks = w.n >= 1024 ? threads : 1;
   int64_t step = (w.n / kLanes + chunks - 1) / chunks * kLanes;
   const float *xs = x.typed_data(), *weight = norm.typed_data();
-  float* out = logits->typed_data();
-  specjax::Helpers::Job job;
+  float* out = logits.typed_data();
+  Helpers::Job job;
   job.count = batch * chunks;
   job.run = [&](int64_t part) {
     int64_t b = part / chunks, c = part % chunks;
@@ -341,41 +335,6 @@ ffi::Error DraftHead(ffi::ThreadPool pool, Floats x, Floats norm, Words words, F
     Norm(xs + b * width, weight, width, eps, h.data());
     Product(h.data(), w, out + b * w.n, std::min(w.n, c * step), std::min(w.n, (c + 1) * step));
   };
-  specjax::Helpers::Get(threads - 1).Run(job);
-  return ffi::Error::Success();
+  Helpers::Get(threads - 1).Run(job);
+  return "";
 }
-
-}  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxDraftHead, DraftHead,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Floats>()  // x
-                                  .Arg<Floats>()  // norm
-                                  .Arg<Words>()
-                                  .Arg<Floats>()
-                                  .Attr<float>("eps")
-                                  .Ret<Floats>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxDraftLayer, DraftLayer,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Floats>()  // x
-                                  .Arg<Floats>()  // cos
-                                  .Arg<Floats>()  // sin
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions
-                                  .Arg<Floats>()  // k_cache
-                                  .Arg<Floats>()  // v_cache
-                                  .Arg<Floats>()  // input norm
-                                  .Arg<Floats>()  // post-attention norm
-                                  .Arg<Words>().Arg<Floats>()  // q
-                                  .Arg<Words>().Arg<Floats>()  // k
-                                  .Arg<Words>().Arg<Floats>()  // v
-                                  .Arg<Words>().Arg<Floats>()  // o
-                                  .Arg<Words>().Arg<Floats>()  // gate
-                                  .Arg<Words>().Arg<Floats>()  // up
-                                  .Arg<Words>().Arg<Floats>()  // down
-                                  .Attr<float>("eps")
-                                  .Ret<Floats>()
-                                  .Ret<Floats>()
-                                  .Ret<Floats>());

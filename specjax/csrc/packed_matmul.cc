@@ -1,5 +1,4 @@
-// A float32 product y = x @ w for a weight stored in panels, as an XLA FFI handler for
-// the CPU backend.
+// A float32 product y = x @ w for a weight stored in panels, for the CPU backend.
 //
 // The packed layout stores each block of 16 weight rows by 64 columns contiguously.
 // Element (16 c + r, 64 b + t) of a (k, n) weight sits at index
@@ -18,11 +17,9 @@
 #include <cstring>
 #include <memory>
 
+#include "kernels.h"
 #include "rows.h"
 #include "simd.h"
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
 
 namespace {
 
@@ -74,16 +71,8 @@ void Product(const float* x, const float* w, float* y, int64_t rows, int64_t ldx
   }
 }
 
-ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> y) {
-  return specjax::RunFloatProduct("packed_matmul", pool, x, w, y, Product, kChunk, kPanel);
-}
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxPackedMatmul, PackedMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+std::string specjax::PackedMatmul(int64_t threads, Floats x, Floats w, Floats y) {
+  return RunFloatProduct("packed_matmul", threads, x, w, y, Product, kChunk, kPanel);
+}

@@ -1,5 +1,5 @@
 // y = x @ W for a few float32 rows of x and an int4 or int8 weight W in the packed
-// layout of specjax.kernels.formats, as an XLA FFI handler for the CPU backend.
+// layout of specjax.kernels.formats, for the CPU backend.
 //
 // XLA's lowering writes each dequantized tile as float32 and reads it back for the
 // dot, so on a 2-core Intel Xeon int4 decoding ran at half the speed of float32. This
@@ -14,10 +14,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels.h"
 #include "rows.h"
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
 
 namespace {
 
@@ -96,19 +94,19 @@ void Product(const float* x, const int32_t* packed, const float* scales, const f
   }
 }
 
-ffi::Error QuantizedRowMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                              ffi::Buffer<ffi::S32> packed, ffi::Buffer<ffi::F32> scales,
-                              ffi::Buffer<ffi::F32> offsets, int64_t bits, int64_t group,
-                              ffi::ResultBuffer<ffi::F32> y) {
+}  // namespace
+
+std::string specjax::QuantizedRowMatmul(int64_t threads, Floats x, Words packed, Floats scales,
+                                        Floats offsets, int64_t bits, int64_t group, Floats y) {
   auto xd = x.dimensions(), pd = packed.dimensions(), sd = scales.dimensions();
-  if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("bits must be 4 or 8");
+  if (bits != 4 && bits != 8) return std::string("bits must be 4 or 8");
   if (xd.size() != 2 || pd.size() != 2 || sd.size() != 2)
-    return ffi::Error::InvalidArgument("quantized_row_matmul expects 2-D operands");
+    return std::string("quantized_row_matmul expects 2-D operands");
   int64_t rows = xd[0], k = xd[1], n = pd[1];
   if (group <= 0 || k % group || (group % kChunk && group != k) || pd[0] * (32 / bits) != k ||
       sd[0] != k / group || sd[1] != n || offsets.dimensions().size() != 2 ||
       offsets.dimensions()[0] != sd[0] || offsets.dimensions()[1] != n)
-    return ffi::Error::InvalidArgument("quantized_row_matmul: operand shapes do not match");
+    return std::string("quantized_row_matmul: operand shapes do not match");
   const float* xs = x.typed_data();
   const int32_t* codes = packed.typed_data();
   const float* scale = scales.typed_data();
@@ -120,19 +118,6 @@ ffi::Error QuantizedRowMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       Product<8>(xs, codes, scale, offset, out, rows, k, n, group, k0, k1);
   };
   // Decoding, not reading, sets the pace here, so the split counts the decoded floats.
-  specjax::SplitContraction::Run(pool, k, k * n * 4, rows * n, y->typed_data(), part);
-  return ffi::Error::Success();
+  specjax::SplitContraction::Run(threads, k, k * n * 4, rows * n, y.typed_data(), part);
+  return "";
 }
-
-}  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxQuantizedRowMatmul, QuantizedRowMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("bits")
-                                  .Attr<int64_t>("group_size")
-                                  .Ret<ffi::Buffer<ffi::F32>>());

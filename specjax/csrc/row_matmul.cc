@@ -1,4 +1,4 @@
-// A float32 product y = x @ w for a few rows of x, as an XLA FFI handler for the CPU backend.
+// A float32 product y = x @ w for a few rows of x, for the CPU backend.
 //
 // Decoding multiplies 1 to K + 1 rows by each weight matrix. XLA's CPU dot ran such
 // products at 10 to 30 GFLOP/s, so a verify forward of 5 rows cost nearly twice a
@@ -14,11 +14,9 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels.h"
 #include "rows.h"
 #include "simd.h"
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
 
 namespace {
 
@@ -66,16 +64,8 @@ void Product(const float* x, const float* w, float* y, int64_t rows, int64_t ldx
   }
 }
 
-ffi::Error RowMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                     ffi::ResultBuffer<ffi::F32> y) {
-  return specjax::RunFloatProduct("row_matmul", pool, x, w, y, Product);
-}
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxRowMatmul, RowMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+std::string specjax::RowMatmul(int64_t threads, Floats x, Floats w, Floats y) {
+  return RunFloatProduct("row_matmul", threads, x, w, y, Product);
+}

@@ -14,8 +14,6 @@
 #include <mutex>
 #include <thread>
 
-#include "xla/ffi/api/ffi.h"
-
 namespace specjax {
 
 // Output columns whose sums stay in registers, and input rows that share one read of
@@ -141,16 +139,16 @@ class Helpers {
 // the helpers, and adds the parts into y. Splitting the contraction, rather than the
 // columns, gives each thread a contiguous stretch of the weights, which made 1- and
 // 5-row products faster. The parts and the order of their sum depend on the shapes and
-// the size of XLA's thread pool alone, so every row is summed the same way whatever
+// the number of threads alone, so every row is summed the same way whatever
 // the number of rows, and whichever thread computes a part.
 class SplitContraction {
  public:
   using Part = std::function<void(int64_t k0, int64_t k1, float* out)>;
 
-  // `k` is the contraction's length and `bytes` the size of the weights it reads.
-  static void Run(xla::ffi::ThreadPool& pool, int64_t k, int64_t bytes, int64_t size, float* y,
+  // `k` is the contraction's length, `bytes` the size of the weights it reads and
+  // `threads` the most threads it may use.
+  static void Run(int64_t threads, int64_t k, int64_t bytes, int64_t size, float* y,
                   const Part& part) {
-    int64_t threads = std::max<int64_t>(1, pool.num_threads());
     int64_t count = bytes >= kMinSplitBytes ? std::min<int64_t>(threads, k / kChunk) : 1;
     if (count <= 1) {
       part(0, k, y);

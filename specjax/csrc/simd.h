@@ -1,4 +1,4 @@
-// Vector operations, the register-blocked inner loop and the handler body shared by the
+// Vector operations, the register-blocked inner loop and the shape checks shared by the
 // float32 product kernels (row_matmul.cc, packed_matmul.cc).
 
 #ifndef SPECJAX_CSRC_SIMD_H_
@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #endif
 
+#include "kernels.h"
 #include "rows.h"
 
 namespace specjax {
@@ -139,27 +140,24 @@ using FloatProduct = void (*)(const float* x, const float* w, float* y, int64_t 
                               int64_t n, int64_t k0, int64_t k1);
 
 // Checks that x is (rows, k) and w (k, n) with k a multiple of `k_step` and n of `n_step`,
-// then computes y = x @ w with `product` over parts of the contraction (rows.h).
-inline xla::ffi::Error RunFloatProduct(const char* name, xla::ffi::ThreadPool& pool,
-                                       xla::ffi::Buffer<xla::ffi::F32> x,
-                                       xla::ffi::Buffer<xla::ffi::F32> w,
-                                       xla::ffi::ResultBuffer<xla::ffi::F32> y, FloatProduct product,
-                                       int64_t k_step = 1, int64_t n_step = 1) {
+// then computes y = x @ w with `product` over parts of the contraction (rows.h). Returns
+// an error message, or an empty string once y is written.
+inline std::string RunFloatProduct(const char* name, int64_t threads, Floats x, Floats w, Floats y,
+                                   FloatProduct product, int64_t k_step = 1, int64_t n_step = 1) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
-    return xla::ffi::Error::InvalidArgument(std::string(name) + " expects x (rows, k) and w (k, n)");
+    return std::string(name) + " expects x (rows, k) and w (k, n)";
   int64_t rows = xd[0], k = wd[0], n = wd[1];
   if (k % k_step != 0 || n % n_step != 0)
-    return xla::ffi::Error::InvalidArgument(std::string(name) + " expects k a multiple of " +
-                                            std::to_string(k_step) + " and n of " +
-                                            std::to_string(n_step));
+    return std::string(name) + " expects k a multiple of " + std::to_string(k_step) + " and n of " +
+           std::to_string(n_step);
   const float* xs = x.typed_data();
   const float* ws = w.typed_data();
-  SplitContraction::Run(pool, k, k * n * 4, rows * n, y->typed_data(),
+  SplitContraction::Run(threads, k, k * n * 4, rows * n, y.typed_data(),
                         [=](int64_t k0, int64_t k1, float* out) {
                           product(xs, ws, out, rows, k, n, k0, k1);
                         });
-  return xla::ffi::Error::Success();
+  return "";
 }
 
 }  // namespace specjax
