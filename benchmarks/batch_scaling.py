@@ -6,7 +6,13 @@ Each batch repeats the prompt in every row (rows sample independently at T > 0; 
 greedy they decode the same text). Speculative decoding drafts adaptively with K up to 6,
 the default, which `generate` lowers at larger batches (`max_verify_rows`; 0 keeps K = 6
 everywhere), and
-an int8 draft as the command line loads it on CPU (--draft-quantize none for float32). Writes benchmarks/results/batch_scaling.json.
+an int8 draft as the command line loads it on CPU (--draft-quantize none for float32).
+
+It also measures a ceiling for any batch: NumPy's float32 product rate on all threads
+divided by the FLOPs of one token's weight products in the target. No batch can emit
+tokens faster than that without cheaper arithmetic, so the ceiling over batch 1's
+speculative rate bounds the batch ratio that this machine allows.
+Writes benchmarks/results/batch_scaling.json.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import specjax  # noqa: E402
-from common import add_draft_quantize, load_draft, machine_record, write_record  # noqa: E402
+from common import (add_draft_quantize, load_draft, machine_record, matmul_flops_per_token,  # noqa: E402
+                    matmul_gflops, write_record)
 from specjax.cli import shipped_models_dir  # noqa: E402
 
 
@@ -58,7 +65,15 @@ def main() -> None:
     first = rows[0]["speculative_tokens_per_second"]
     for row in rows:
         row["speculative_over_batch_1"] = row["speculative_tokens_per_second"] / first
-    record = {**machine_record(), "settings": vars(args) | {"models": str(args.models)}, "rows": rows}
+    gflops = matmul_gflops()
+    flops = matmul_flops_per_token(target.config)
+    ceiling = gflops * 1e9 / flops
+    print(f"compute ceiling: {gflops:.0f} GFLOP/s over {flops / 1e6:.1f} MFLOP per token = {ceiling:.0f} tok/s, "
+          f"{ceiling / first:.2f}x the speculative rate of batch {args.batches[0]}")
+    ceiling_record = {"matmul_gflops": gflops, "flops_per_token": flops, "tokens_per_second": ceiling,
+                      "over_first_batch_speculative": ceiling / first}
+    record = {**machine_record(), "settings": vars(args) | {"models": str(args.models)}, "rows": rows,
+              "compute_ceiling": ceiling_record}
     print(f"wrote {write_record('batch_scaling', record)}")
 
 

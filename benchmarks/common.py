@@ -51,6 +51,31 @@ def write_record(name: str, record: dict) -> Path:
     return path
 
 
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Return the fastest rate, in GFLOP/s, of NumPy's float32 product of two `size` x
+    `size` matrices on all of its threads: the machine's float32 compute rate, as far as
+    a tuned library reaches it."""
+    import time
+
+    import numpy as np
+
+    matrix = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        matrix @ matrix
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+def matmul_flops_per_token(config) -> int:
+    """Return the FLOPs (two per multiply-add) of one token's weight products in a forward
+    of a Llama-family model, without attention over the cache and the norms."""
+    attention = config.hidden_size * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
+    mlp = 3 * config.hidden_size * config.intermediate_size
+    return 2 * (config.num_layers * (attention + mlp) + config.hidden_size * config.vocab_size)
+
+
 def add_draft_quantize(parser) -> None:
     parser.add_argument("--draft-quantize", choices=["int8", "int4", "none"], default="int8",
                         help="load the draft quantized, as specjax generate does on CPU (default int8)")
