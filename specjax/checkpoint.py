@@ -83,7 +83,10 @@ def _weight_files(folder: Path) -> dict[str, Path]:
             f"{folder} has only pickle weights (.bin/.pt), which specjax never loads; "
             "convert them to model.safetensors"
         )
-    raise CheckpointError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+    raise CheckpointError(
+        f"{folder} has neither model.safetensors nor model.safetensors.index.json; "
+        "pass a Hugging Face model folder with its weights in safetensors files"
+    )
 
 
 def _tensor_names(file: Path) -> list[str]:

@@ -129,7 +129,7 @@ def _stats_line(stats) -> str:
 
 def run_generate(args: argparse.Namespace) -> int:
     import specjax
-    from specjax.inputs import validate_draft_settings, validate_settings
+    from specjax.inputs import validate_draft_settings, validate_seed, validate_settings
 
     models = shipped_models_dir()
     if args.draft is not None and args.no_draft:
@@ -141,6 +141,7 @@ def run_generate(args: argparse.Namespace) -> int:
     # Check the settings before the slow model load, so a typo fails at once.
     validate_settings(args.max_new_tokens, args.num_draft_tokens, args.temperature, args.top_k, args.top_p)
     validate_draft_settings(not args.fixed_k, args.confidence_threshold, args.min_acceptance, args.max_verify_rows)
+    validate_seed(args.seed)
     if not args.prompt:
         raise ValueError(f"the prompt is empty; pass some text, or leave it out for {DEFAULT_PROMPT!r}")
     if args.temperature == 0 and (args.top_k or args.top_p != 1.0):
@@ -266,7 +267,11 @@ def run_bench(args: argparse.Namespace) -> int:
     target, draft = specjax.load(target_dir), specjax.load(draft_dir, **draft_quantization(args, draft_dir))
     bench.check_length(args, target)
     enable_compile_cache()
-    print("\n".join(bench.run(args, target, draft)))
+    with warnings.catch_warnings():
+        # The table names the K that each batch used.
+        warnings.filterwarnings("ignore", message="K lowered")
+        lines = bench.run(args, target, draft)
+    print("\n".join(lines))
     return 0
 
 

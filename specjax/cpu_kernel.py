@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -185,11 +186,17 @@ def _load() -> bool:
         return False
     try:
         if not path.exists():
+            # The build takes seconds and runs once per machine, so it prints a progress line.
+            print(f"specjax: building the CPU kernels into {path.parent} (once per machine and "
+                  "JAX version; 5 to 6 s on two cores)", file=sys.stderr, flush=True)
+            started = time.perf_counter()
             try:
                 _build(compiler, path)
             except (RuntimeError, OSError) as error:
                 failed.write_text(f"{error}\n")
                 raise
+            print(f"specjax: built the CPU kernels in {time.perf_counter() - started:.1f} s",
+                  file=sys.stderr, flush=True)
         _library = ctypes.cdll.LoadLibrary(str(path))
         for name, symbol in _HANDLERS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(_library, symbol)), platform="cpu")

@@ -73,7 +73,11 @@ def check_vocabularies(target: Model, draft: Model) -> None:
         )
     if target.tokenizer is not None and draft.tokenizer is not None:
         if not _same_vocabulary(target.tokenizer, draft.tokenizer):
-            raise ValueError("the draft's tokenizer differs from the target's; they must share one vocabulary")
+            raise ValueError(
+                f"the draft's tokenizer ({draft.tokenizer.get_vocab_size()} tokens) differs from the "
+                f"target's ({target.tokenizer.get_vocab_size()} tokens); use a draft trained with the "
+                "target's tokenizer"
+            )
         real_size = target.tokenizer.get_vocab_size()
         if real_size > draft_size:
             raise ValueError(
@@ -148,7 +152,7 @@ def validate_seed(seed) -> None:
         raise ValueError(f"seed={seed!r} must be an integer")
     low, high = SEED_RANGE
     if not low <= seed <= high:
-        raise ValueError(f"seed={seed} is out of range; use an integer from -2**63 to 2**63 - 1")
+        raise ValueError(f"seed={seed} is out of range; use an integer from {low} to {high}")
 
 
 def _is_int(value) -> bool:

@@ -1,8 +1,10 @@
 """The CPU kernel for products of few rows: its values, where models use it, and its fallback."""
 
 import ctypes
+import shutil
 import importlib
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -145,7 +147,7 @@ def test_missing_compiler_warns_and_falls_back(fresh_state, monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU backend only")
-def test_failed_build_warns_and_falls_back(fresh_state, monkeypatch, tmp_path):
+def test_failed_build_warns_and_falls_back(fresh_state, monkeypatch, tmp_path, capsys):
     sources = tmp_path / "csrc"
     sources.mkdir()
     (sources / "broken.cc").write_text("this is not C++\n")
@@ -155,6 +157,9 @@ def test_failed_build_warns_and_falls_back(fresh_state, monkeypatch, tmp_path):
         pytest.skip("no C++ compiler")
     with pytest.warns(RuntimeWarning, match="building or loading .* failed: broken.cc: ") as record:
         assert cpu_kernel.available() is False
+    err = capsys.readouterr().err
+    assert "specjax: building the CPU kernels" in err
+    assert "built the CPU kernels" not in err
     assert "SPECJAX_CPU_KERNEL=0" in str(record[0].message)
     assert "set CXX" in str(record[0].message)
     path = cpu_kernel.library_path(compiler)
@@ -166,6 +171,23 @@ def test_failed_build_warns_and_falls_back(fresh_state, monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernel, "_build", lambda *args: pytest.fail("built again"))
     with pytest.warns(RuntimeWarning, match="earlier build .* failed .* delete that file"):
         assert cpu_kernel.available() is False
+
+
+@needs_kernel
+def test_build_is_announced(fresh_state, monkeypatch, capsys):
+    built = Path(cpu_kernel._library._name)  # loaded by the first `available` call
+    monkeypatch.setattr(cpu_kernel, "_build", lambda compiler, path: shutil.copy(built, path))
+    # XLA rejects a second registration of a target from another copy of the library.
+    monkeypatch.setattr(jax.ffi, "register_ffi_target", lambda *args, **kwargs: None)
+    assert cpu_kernel.available() is True
+    err = capsys.readouterr().err
+    assert "specjax: building the CPU kernels into" in err
+    assert "specjax: built the CPU kernels in" in err
+
+    # A later process finds the library and builds nothing, silently.
+    monkeypatch.setattr(cpu_kernel, "_state", None)
+    assert cpu_kernel.available() is True
+    assert "building" not in capsys.readouterr().err
 
 
 @needs_kernel
