@@ -7,7 +7,16 @@ import json
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+# Warnings from specjax (K lowered for a batch, say) print as one line between the figures.
+warnings.formatwarning = _warning_line
 
 RESULTS = Path(os.environ.get("SPECJAX_BENCHMARK_RESULTS", Path(__file__).resolve().parent / "results"))
 """The folder that records go to: benchmarks/results, or $SPECJAX_BENCHMARK_RESULTS."""
