@@ -41,27 +41,50 @@ def processed_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """Tempered logits (..., V) with tokens outside top-k and top-p set to -inf.
 
     Ties at the top-k or top-p boundary are all kept, so the kept set is a function of
-    the logits alone and identical on the draft and target sides.
+    the logits alone and identical on the draft and target sides. Top-k keeps the tokens
+    at or above the k-th largest logit. Top-p then keeps, in the top-k distribution, the
+    smallest set of largest tokens whose mass reaches top_p: a token stays when the mass
+    of the tokens above it is still below top_p.
     """
     logits = logits.astype(jnp.float32) / params.temperature
     if not params.filtered:
         return logits
+    keys = _order_keys(logits)
     vocab = logits.shape[-1]
-    ordered = jnp.sort(logits, axis=-1)[..., ::-1]  # (..., V), descending
+    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab).astype(jnp.float32)
+    ones = jnp.ones_like(logits)
+    kth = _smallest_key_below(keys, ones, k)
+    top_k_probs = jax.nn.softmax(jnp.where(keys >= kth, logits, -jnp.inf), axis=-1)
+    cutoff = _smallest_key_below(keys, top_k_probs, params.top_p)
+    cutoff = jnp.where(params.top_p < 1.0, cutoff, kth)
+    return jnp.where(keys >= jnp.maximum(kth, cutoff), logits, -jnp.inf)
 
-    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)
-    kth_value = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, ordered.shape[:-1])[..., None], -1)
-    ordered = jnp.where(ordered >= kth_value, ordered, -jnp.inf)
 
-    # Keep the smallest prefix of the sorted distribution whose mass reaches top_p: a token
-    # stays when the mass strictly before it is still below top_p.
-    sorted_probs = jax.nn.softmax(ordered, axis=-1)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep = mass_before < params.top_p
-    last_kept = jnp.sum(keep, axis=-1, keepdims=True) - 1  # keep is a prefix mask
-    cutoff = jnp.take_along_axis(ordered, last_kept, axis=-1)
-    threshold = jnp.maximum(cutoff, kth_value)
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
+def _order_keys(values: jax.Array) -> jax.Array:
+    """Return int32 keys in the order of the float32 `values`: negative floats get their
+    magnitude bits inverted, so that a larger float always has a larger key."""
+    bits = jax.lax.bitcast_convert_type(values, jnp.int32)
+    return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _smallest_key_below(keys: jax.Array, weights: jax.Array, limit: jax.Array) -> jax.Array:
+    """Return, per row of `keys` (..., V), the smallest key t at which the weights of the
+    keys above t sum to less than `limit`, as (..., 1). That t is always one of the keys.
+
+    A bisection over the int32 range, 32 halvings. Sorting 4,096 logits took about 800 µs
+    per row on XLA's CPU backend, which made sampling with top-k or top-p slower than
+    decoding plainly; this takes a few µs per halving.
+    """
+    low = jnp.min(keys, axis=-1, keepdims=True) - 1  # the sum above it is the whole row
+    high = jnp.max(keys, axis=-1, keepdims=True)  # nothing lies above it
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = (low >> 1) + (high >> 1) + (low & high & 1)  # no int32 overflow
+        below = jnp.sum(jnp.where(keys > middle, weights, 0.0), axis=-1, keepdims=True) < limit
+        return jnp.where(below, low, middle), jnp.where(below, middle, high)
+
+    return jax.lax.fori_loop(0, 32, halve, (low, high), unroll=4)[1]
 
 
 def processed_probs(logits: jax.Array, params: SamplingParams) -> jax.Array:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from specjax import sampling
 from specjax.sampling import SamplingParams, greedy_tokens, processed_logits, processed_probs, top_probability
 from specjax.verify import count_accepted, residual_probs, verify_greedy, verify_sampled
 
@@ -144,3 +145,44 @@ def test_verify_sampled_one_position_matches_target(seed):
     first = np.where(np.asarray(n) == 1, np.asarray(drafts[:, 0]), np.asarray(token))
     frequencies = np.bincount(first, minlength=vocab) / rows
     np.testing.assert_allclose(frequencies, np.asarray(p), atol=0.015)
+
+
+def kept_by_sorting(logits, top_k, top_p):
+    """The kept set defined by sorting: top-k keeps values at or above the k-th largest,
+    then top-p keeps tokens whose top-k mass strictly before them, in descending order,
+    is below top_p, with ties at the boundary kept."""
+    ordered = np.sort(logits)[::-1]
+    kth = ordered[min(top_k, len(ordered)) - 1] if top_k else ordered[-1]
+    probs = np.where(ordered >= kth, np.exp(ordered - ordered[0]), 0.0)
+    probs /= probs.sum()
+    before = np.cumsum(probs) - probs
+    cutoff = ordered[np.sum(before < top_p) - 1] if top_p < 1 else kth
+    return logits >= max(kth, cutoff)
+
+
+def bisection_cases():
+    rng = np.random.default_rng(5)
+    for row in range(40):
+        logits = rng.normal(size=300) * rng.choice([0.5, 3.0]) - rng.choice([0.0, 4.0])
+        if row % 2:
+            logits = np.round(logits, 1)  # ties
+        yield logits.astype(np.float32), int(rng.choice([0, 1, 7, 40])), float(rng.choice([1.0, 0.3, 0.9]))
+
+
+def agrees_with_sorting(process) -> bool:
+    for logits, top_k, top_p in bisection_cases():
+        params = SamplingParams.create(1.0, top_k, top_p)
+        kept_here = np.isfinite(np.asarray(process(jnp.asarray(logits)[None], params)[0]))
+        if not (kept_here == kept_by_sorting(logits, top_k, top_p)).all():
+            return False
+    return True
+
+
+def test_filter_keeps_the_sorted_definition():
+    assert agrees_with_sorting(processed_logits)
+
+
+def test_filter_check_catches_unsigned_order(monkeypatch):
+    # Keys taken from the float bits without flipping negative ones order -2.0 above -1.0.
+    monkeypatch.setattr(sampling, "_order_keys", lambda values: jax.lax.bitcast_convert_type(values, jnp.int32))
+    assert not agrees_with_sorting(processed_logits)
