@@ -3,7 +3,7 @@
 The sources in `specjax/csrc` (a float32 weight in `row_matmul.cc`, a float32 weight in
 the packed layout of `pack` in `packed_matmul.cc`, an int4 or int8 one in
 `quantized_row_matmul.cc`, attention in `attention.cc`, a draft's decoder layer in
-`draft_layer.cc`, and XLA's view of them all in `handlers.cc`) are compiled with the
+`draft_layer.cc`, greedy choices in `greedy.cc`, and XLA's view of them all in `handlers.cc`) are compiled with the
 machine's C++ compiler for its own CPU (`-march=native`) into one library, whose
 handlers are registered with XLA as
 FFI targets. The library lands in $XDG_CACHE_HOME/specjax/kernels (default
@@ -45,9 +45,12 @@ DRAFT_LAYER_TARGET = "specjax_draft_layer"
 """The FFI target of a whole decoder layer with int8 weights for a few tokens per row."""
 DRAFT_HEAD_TARGET = "specjax_draft_head"
 """The FFI target of the final norm and an int8 output layer."""
+GREEDY_TARGET = "specjax_greedy"
+"""The FFI target of greedy choices over rows of logits."""
 _HANDLERS = {TARGET: "SpecjaxRowMatmul", QUANTIZED_TARGET: "SpecjaxQuantizedRowMatmul",
              ATTENTION_TARGET: "SpecjaxAttention", PACKED_TARGET: "SpecjaxPackedMatmul",
-             DRAFT_LAYER_TARGET: "SpecjaxDraftLayer", DRAFT_HEAD_TARGET: "SpecjaxDraftHead"}
+             DRAFT_LAYER_TARGET: "SpecjaxDraftLayer", DRAFT_HEAD_TARGET: "SpecjaxDraftHead",
+             GREEDY_TARGET: "SpecjaxGreedy"}
 TARGETS = tuple(_HANDLERS)
 """Every FFI target that `available` registers."""
 MAX_ROWS = 12
@@ -310,3 +313,14 @@ def draft_head(x: jax.Array, norm: jax.Array, words: jax.Array, scales: jax.Arra
     out = jax.ShapeDtypeStruct((x.shape[0], words.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(DRAFT_HEAD_TARGET, out)(x, norm, words, scales.astype(jnp.float32),
                                                      eps=np.float32(eps))
+
+
+def greedy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Return, along the last axis of float32 logits (..., V), the first index of the largest
+    logit (int32) and its softmax probability (float32), as `specjax.sampling.greedy_tokens`
+    and `top_probability` compute them; `available()` must be True. A row with a NaN gets
+    index V - 1 and probability NaN."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    outs = (jax.ShapeDtypeStruct(rows.shape[:1], jnp.int32), jax.ShapeDtypeStruct(rows.shape[:1], jnp.float32))
+    tokens, top = jax.ffi.ffi_call(GREEDY_TARGET, outs)(rows)
+    return tokens.reshape(logits.shape[:-1]), top.reshape(logits.shape[:-1])

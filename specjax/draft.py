@@ -14,7 +14,7 @@ from flax import nnx
 
 from specjax.cache import KVCache
 from specjax.model import forward
-from specjax.sampling import SamplingParams, greedy_tokens, processed_probs, sample, top_probability
+from specjax.sampling import SamplingParams, greedy_choice, processed_probs, sample
 
 # Catch-up feeds a trailing window of _WINDOW tokens in every drafting step. After a pause
 # it first feeds 32-token chunks while more than 16 tokens trail, then 8-token ones, because
@@ -37,7 +37,7 @@ def _choose(logits: jax.Array, sampling: SamplingParams | None, key: jax.Array):
     """Pick the draft token (B,) and return its probability (B,) and, when sampling, the
     distribution q (B, V) it came from. Under greedy the probability is the softmax's."""
     if sampling is None:
-        return greedy_tokens(logits), top_probability(logits), None
+        return (*greedy_choice(logits), None)
     probs = processed_probs(logits, sampling)
     token = sample(key, probs)
     return token, jnp.take_along_axis(probs, token[:, None], axis=-1)[:, 0], probs

@@ -72,6 +72,10 @@ ffi::Error DraftHead(ffi::ThreadPool pool, In x, In norm, InWords words, In scal
                                    View(logits)));
 }
 
+ffi::Error Greedy(ffi::ThreadPool pool, In logits, ffi::ResultBuffer<ffi::S32> tokens, Out top) {
+  return ToError(specjax::Greedy(Threads(pool), View(logits), View(tokens), View(top)));
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxRowMatmul, RowMatmul,
@@ -142,3 +146,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxDraftHead, DraftHead,
                                   .Arg<In>()  // output scales
                                   .Attr<float>("eps")
                                   .Ret<In>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxGreedy, Greedy,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<In>()  // logits
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // tokens
+                                  .Ret<In>());  // top probability

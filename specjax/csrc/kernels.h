@@ -71,6 +71,10 @@ std::string DraftLayer(int64_t threads, Floats x, Floats cos, Floats sin, Words 
 std::string DraftHead(int64_t threads, Floats x, Floats norm, DraftMatrix output, float eps,
                       Floats logits);
 
+// For logits (rows, V): the first index of each row's largest logit, and that logit's
+// softmax probability (greedy.cc).
+std::string Greedy(int64_t threads, Floats logits, Words tokens, Floats top);
+
 }  // namespace specjax
 
 #endif  // SPECJAX_CSRC_KERNELS_H_
