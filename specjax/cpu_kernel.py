@@ -273,15 +273,18 @@ def quantized_row_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, zer
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-              positions: jax.Array) -> jax.Array:
+              positions: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Attention of new tokens over one layer's float32 cache, as `specjax.model.attend`
     computes it before writing them; `available()` must be True.
 
-    q (B, T, N, H), k and v (B, T, KV, H), k_cache (B, KV, S, H), v_cache (B, KV, H, S) and
-    positions (B, T) int32. Returns (B, T, N, H). H must be a multiple of 16.
+    q (B, T, N, H), k and v (B, T, KV, H), k_cache (B, KV, S, H), v_cache (B, KV, H, S),
+    positions (B, T) int32, and the rotary tables cos and sin (B, T, H) by which the kernel
+    rotates q and k first (`specjax.model.apply_rope`). Returns the output (B, T, N, H) and
+    the rotated k, which the caller writes into the cache. H must be a multiple of 16.
     """
-    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return jax.ffi.ffi_call(ATTENTION_TARGET, out)(q, k, v, k_cache, v_cache, positions.astype(jnp.int32))
+    outs = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32))
+    return jax.ffi.ffi_call(ATTENTION_TARGET, outs)(q, k, v, k_cache, v_cache, positions.astype(jnp.int32),
+                                                    cos, sin)
 
 
 def draft_layer(x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, k_cache: jax.Array,

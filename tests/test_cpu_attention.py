@@ -11,7 +11,7 @@ import pytest
 from generation_helpers import PROMPTS, assert_greedy_equal, noisy_copy, tiny_config
 from specjax import Model, cpu_kernel, generate
 from specjax.cache import init_cache
-from specjax.model import attend, forward, with_row_products
+from specjax.model import attend, forward, rope_tables, with_row_products
 
 generate_module = importlib.import_module("specjax.generate")
 
@@ -50,6 +50,23 @@ def test_attention_matches_xla(heads, kv_heads, head_dim, slots, positions):
     # Both write the new keys and values into the caches the same way.
     np.testing.assert_array_equal(got[1], expected[1])
     np.testing.assert_array_equal(got[2], expected[2])
+
+
+@needs_kernel
+def test_kernel_rotation_matches_apply_rope():
+    """Given the rotary tables, the kernel rotates q and k as `apply_rope` does, and the
+    rotated keys are the ones written into the cache."""
+    positions = [[9, 10, 11, 12], [3, 4, 5, 5]]
+    args = _inputs(2, 4, 6, 2, 64, 24, positions, seed=5)
+    config = tiny_config(hidden_size=384, num_heads=6, num_kv_heads=2, head_dim=64)
+    rope = rope_tables(config, jnp.asarray(positions), jnp.float32)
+    expected = jax.jit(lambda *a: attend(*a, kernel=False, rope=rope))(*args)
+    got = jax.jit(lambda *a: attend(*a, kernel=True, rope=rope))(*args)
+    for got_part, expected_part in zip(got, expected):
+        np.testing.assert_allclose(got_part, expected_part, rtol=0, atol=4e-6)
+    # Unrotated keys would differ from the written ones by far more than rounding.
+    unrotated = jax.jit(lambda *a: attend(*a, kernel=True))(*args)
+    assert np.abs(np.asarray(unrotated[1]) - np.asarray(expected[1])).max() > 0.1
 
 
 def _attention_model():

@@ -37,9 +37,14 @@ def _products(seed):
     k_cache = rng.standard_normal((2, 2, 64, 64), np.float32)
     v_cache = rng.standard_normal((2, 2, 64, 64), np.float32)
     positions = np.asarray([[40, 41, 42], [7, 8, 9]], np.int32)
-    attention = jax.jit(
-        lambda x: cpu_kernel.attention(jnp.resize(x, (2, 3, 4, 64)), k, v, k_cache, v_cache, positions)
-    )
+    cos, sin = (rng.standard_normal((2, 3, 64), np.float32) for _ in range(2))
+
+    def attention(x):
+        out, rotated = cpu_kernel.attention(jnp.resize(x, (2, 3, 4, 64)), k, v, k_cache, v_cache, positions,
+                                            cos, sin)
+        return jnp.concatenate([out.ravel(), rotated.ravel()])
+
+    attention = jax.jit(attention)
     return x, float_product, int4_product, attention
 
 

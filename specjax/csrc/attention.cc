@@ -162,6 +162,18 @@ void Attend(const Sequence& seq, const float* q, float* out, int64_t tokens, int
 
 namespace specjax {
 
+void Rotate(float* x, int64_t heads, int64_t head_dim, const float* cos, const float* sin) {
+  const int64_t half = head_dim / 2;
+  for (int64_t n = 0; n < heads; ++n) {
+    float* head = x + n * head_dim;
+    for (int64_t i = 0; i < half; ++i) {
+      float low = head[i], high = head[i + half];
+      head[i] = low * cos[i] - high * sin[i];
+      head[i + half] = high * cos[i + half] + low * sin[i + half];
+    }
+  }
+}
+
 void AttendHead(const float* qs, const float* ks, const float* vs, const float* kc,
                 const float* vc, const int32_t* pos, float* result, int64_t b, int64_t g,
                 int64_t tokens, int64_t heads, int64_t kv_heads, int64_t slots, int64_t head_dim) {
@@ -205,10 +217,13 @@ void AttendHead(const float* qs, const float* ks, const float* vs, const float* 
 }  // namespace specjax
 
 std::string specjax::Attention(int64_t threads, Floats q, Floats k, Floats v, Floats k_cache,
-                               Floats v_cache, Words positions, Floats out) {
+                               Floats v_cache, Words positions, Floats cos, Floats sin, Floats out,
+                               Floats k_out) {
   auto qd = q.dimensions(), kd = k.dimensions(), cd = k_cache.dimensions(), vd = v_cache.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || cd.size() != 4 || vd.size() != 4)
-    return std::string("attention expects 4-D q, k, v and caches");
+  auto rd = cos.dimensions(), sd = sin.dimensions(), od = k_out.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || cd.size() != 4 || vd.size() != 4 || rd.size() != 3 ||
+      sd.size() != 3 || od.size() != 4)
+    return std::string("attention expects 4-D q, k, v and caches and 3-D rotary tables");
   int64_t batch = qd[0], tokens = qd[1], heads = qd[2], head_dim = qd[3];
   int64_t kv_heads = cd[1], slots = cd[2];
   if (kd[0] != batch || kd[1] != tokens || kd[2] != kv_heads || kd[3] != head_dim ||
@@ -216,17 +231,30 @@ std::string specjax::Attention(int64_t threads, Floats q, Floats k, Floats v, Fl
       vd[1] != kv_heads || vd[2] != head_dim || vd[3] != slots || heads % kv_heads ||
       head_dim % kLanes || positions.dimensions()[0] != batch || positions.dimensions()[1] != tokens)
     return std::string("attention: operand shapes do not match");
-  const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
-  const float *kc = k_cache.typed_data(), *vc = v_cache.typed_data();
+  for (size_t i = 0; i < 3; ++i)
+    if (rd[i] != (i == 0 ? batch : i == 1 ? tokens : head_dim) || sd[i] != rd[i])
+      return std::string("attention expects rotary tables (batch, tokens, head_dim)");
+  for (size_t i = 0; i < 4; ++i)
+    if (od[i] != kd[i]) return std::string("attention expects k_out shaped like k");
+  const float *vs = v.typed_data(), *kc = k_cache.typed_data(), *vc = v_cache.typed_data();
+  const float *cs = cos.typed_data(), *ss = sin.typed_data();
   const int32_t* pos = positions.typed_data();
-  float* result = out.typed_data();
+  float *result = out.typed_data(), *ks = k_out.typed_data();
+  // The rotated queries go to a copy, the rotated keys to k_out, which the caller writes
+  // into the cache.
+  std::vector<float> qs(q.typed_data(), q.typed_data() + batch * tokens * heads * head_dim);
+  std::copy(k.typed_data(), k.typed_data() + batch * tokens * kv_heads * head_dim, ks);
+  for (int64_t bt = 0; bt < batch * tokens; ++bt) {
+    specjax::Rotate(qs.data() + bt * heads * head_dim, heads, head_dim, cs + bt * head_dim, ss + bt * head_dim);
+    specjax::Rotate(ks + bt * kv_heads * head_dim, kv_heads, head_dim, cs + bt * head_dim, ss + bt * head_dim);
+  }
   // Each row and KV head is one part, computed whole by one thread, so the result does
   // not depend on which thread takes it.
   specjax::Helpers::Job job;
   job.count = batch * kv_heads;
   job.run = [&](int64_t part) {
-    specjax::AttendHead(qs, ks, vs, kc, vc, pos, result, part / kv_heads, part % kv_heads, tokens, heads,
-               kv_heads, slots, head_dim);
+    specjax::AttendHead(qs.data(), ks, vs, kc, vc, pos, result, part / kv_heads, part % kv_heads, tokens,
+                        heads, kv_heads, slots, head_dim);
   };
   specjax::Helpers::Get(threads - 1).Run(job);
   return "";

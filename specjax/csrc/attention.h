@@ -1,5 +1,5 @@
-// Decode attention of one row and KV head, shared by the attention kernel (attention.cc)
-// and the draft layer kernel (draft_layer.cc).
+// Decode attention of one row and KV head, and the rotation of queries and keys, shared
+// by the attention kernel (attention.cc) and the draft layer kernel (draft_layer.cc).
 
 #ifndef SPECJAX_CSRC_ATTENTION_H_
 #define SPECJAX_CSRC_ATTENTION_H_
@@ -16,6 +16,10 @@ namespace specjax {
 void AttendHead(const float* qs, const float* ks, const float* vs, const float* kc,
                 const float* vc, const int32_t* pos, float* result, int64_t b, int64_t g,
                 int64_t tokens, int64_t heads, int64_t kv_heads, int64_t slots, int64_t head_dim);
+
+// Rotates `heads` vectors of head_dim floats at x by the rotary tables of their token,
+// pairing dimension i with i + head_dim / 2 as specjax.model.apply_rope does.
+void Rotate(float* x, int64_t heads, int64_t head_dim, const float* cos, const float* sin);
 
 }  // namespace specjax
 

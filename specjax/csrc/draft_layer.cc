@@ -183,20 +183,6 @@ void Norm(const float* x, const float* weight, int64_t width, float eps, float* 
   for (int64_t i = 0; i < width; i += kLanes) Store(out + i, Load(weight + i) * (Load(x + i) * scale));
 }
 
-// Rotates `heads` vectors of head_dim floats by the tables, pairing dimension i with
-// i + head_dim / 2 as specjax.model.apply_rope does.
-void Rotate(float* x, int64_t heads, int64_t head_dim, const float* cos, const float* sin) {
-  const int64_t half = head_dim / 2;
-  for (int64_t n = 0; n < heads; ++n) {
-    float* head = x + n * head_dim;
-    for (int64_t i = 0; i < half; ++i) {
-      float low = head[i], high = head[i + half];
-      head[i] = low * cos[i] - high * sin[i];
-      head[i + half] = high * cos[i + half] + low * sin[i + half];
-    }
-  }
-}
-
 // gate = silu(gate) * up. The sigmoid comes from exp(-|gate|), because Exp takes inputs <= 0 only.
 void GatedUnit(float* gate, const float* up, int64_t width) {
   const Vec one = Vec{} + 1.0f;
@@ -229,8 +215,8 @@ void Row(const Layer& l, int64_t tokens, const float* x, const float* cos, const
     Product(h, l.q, q + t * qw);
     Product(h, l.k, k_new + t * kvw);
     Product(h, l.v, v_new + t * kvw);
-    Rotate(q + t * qw, l.heads, l.head_dim, cos + t * l.head_dim, sin + t * l.head_dim);
-    Rotate(k_new + t * kvw, l.kv_heads, l.head_dim, cos + t * l.head_dim, sin + t * l.head_dim);
+    specjax::Rotate(q + t * qw, l.heads, l.head_dim, cos + t * l.head_dim, sin + t * l.head_dim);
+    specjax::Rotate(k_new + t * kvw, l.kv_heads, l.head_dim, cos + t * l.head_dim, sin + t * l.head_dim);
   }
   // The row's attention, as that of a batch of one row.
   for (int64_t g = 0; g < l.kv_heads; ++g)

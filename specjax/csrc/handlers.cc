@@ -50,9 +50,10 @@ ffi::Error QuantizedRowMatmul(ffi::ThreadPool pool, In x, InWords packed, In sca
 }
 
 ffi::Error Attention(ffi::ThreadPool pool, In q, In k, In v, In k_cache, In v_cache,
-                     InWords positions, Out out) {
+                     InWords positions, In cos, In sin, Out out, Out k_out) {
   return ToError(specjax::Attention(Threads(pool), View(q), View(k), View(v), View(k_cache),
-                                   View(v_cache), View(positions), View(out)));
+                                   View(v_cache), View(positions), View(cos), View(sin), View(out),
+                                   View(k_out)));
 }
 
 ffi::Error DraftLayer(ffi::ThreadPool pool, In x, In cos, In sin, InWords positions, In k_cache,
@@ -112,7 +113,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxAttention, Attention,
                                   .Arg<In>()  // k_cache
                                   .Arg<In>()  // v_cache
                                   .Arg<InWords>()  // positions
-                                  .Ret<In>());
+                                  .Arg<In>()  // cos
+                                  .Arg<In>()  // sin
+                                  .Ret<In>()  // out
+                                  .Ret<In>());  // rotated k
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpecjaxDraftLayer, DraftLayer,
                               ffi::Ffi::Bind()

@@ -50,9 +50,11 @@ std::string PackedMatmul(int64_t threads, Floats x, Floats w, Floats y);
 std::string QuantizedRowMatmul(int64_t threads, Floats x, Words packed, Floats scales,
                                Floats offsets, int64_t bits, int64_t group, Floats y);
 
-// Decode attention of q over the cache and the new keys and values (attention.cc).
+// Decode attention of q over the cache and the new keys and values, with q and k rotated
+// by the rotary tables cos and sin first; the rotated k goes to k_out (attention.cc).
 std::string Attention(int64_t threads, Floats q, Floats k, Floats v, Floats k_cache,
-                      Floats v_cache, Words positions, Floats out);
+                      Floats v_cache, Words positions, Floats cos, Floats sin, Floats out,
+                      Floats k_out);
 
 // The int8 weights of one matrix in a draft layer: packed codes and scales.
 struct DraftMatrix {
