@@ -191,7 +191,7 @@ def _load() -> bool:
         if not path.exists():
             # The build takes seconds and runs once per machine, so it prints a progress line.
             print(f"specjax: building the CPU kernels into {path.parent} (once per machine and "
-                  "JAX version; about 5 s on two cores)", file=sys.stderr, flush=True)
+                  "JAX version; about 6 s on two cores)", file=sys.stderr, flush=True)
             started = time.perf_counter()
             try:
                 _build(compiler, path)

@@ -147,10 +147,8 @@ def attend(q, k, v, k_cache, v_cache, positions, kernel: bool = False, rope=None
     B, T, N, H = q.shape
     arrays = (q, k, v, k_cache, v_cache)
     if kernel and T <= cpu_kernel.MAX_ROWS and H % 16 == 0 and all(a.dtype == jnp.float32 for a in arrays):
-        # XLA computed the tables' cosines and sines again, for every head, inside each of
-        # the 12 rotations of a target forward it fused them into: 5 to 17 µs each for 7
-        # tokens on a 2-core Intel Xeon, in a profile. The kernel rotates with the tables,
-        # which are then computed once per forward.
+        # XLA recomputed the tables per head inside each rotation it fused them into (5 to 17 µs
+        # each at 7 tokens on a 2-core Intel Xeon). The kernel rotates with tables computed once.
         if rope is None:
             rope = jnp.ones((B, T, H), jnp.float32), jnp.zeros((B, T, H), jnp.float32)
         out, k = cpu_kernel.attention(q, k, v, k_cache, v_cache, positions, *(t.astype(jnp.float32) for t in rope))

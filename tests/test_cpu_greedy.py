@@ -43,8 +43,10 @@ def test_greedy_matches_xla(vocab):
     np.testing.assert_array_equal(tokens, expected_tokens)
     np.testing.assert_allclose(top, expected_top, rtol=2e-6)
     # The tie rows tell the first largest logit from the last one.
-    assert tokens[1] == 3 and tokens[2] == vocab // 2
-    assert tokens[4] == 0 and top[4] == pytest.approx(1 / vocab, rel=1e-5)
+    assert tokens[1] == 3
+    assert tokens[2] == vocab // 2
+    assert tokens[4] == 0
+    assert top[4] == pytest.approx(1 / vocab, rel=1e-5)
 
 
 @needs_kernel
@@ -58,7 +60,8 @@ def test_nan_rows():
     rows[8, 4095] = np.nan  # in the last vector of a row whose length is a multiple of 16
     tokens, top = cpu_kernel.greedy(jnp.asarray(rows))
     for row in (0, 7, 8):
-        assert tokens[row] == 4095 and np.isnan(top[row])
+        assert tokens[row] == 4095
+        assert np.isnan(top[row])
     expected_tokens, expected_top = _xla_forms(jnp.asarray(rows))
     np.testing.assert_array_equal(tokens[1:8], expected_tokens[1:8])
     np.testing.assert_allclose(top[1:8], expected_top[1:8], rtol=2e-6)
@@ -70,16 +73,19 @@ def test_leading_axes_and_many_rows():
     results of one row at a time."""
     logits = jnp.asarray(np.random.default_rng(1).standard_normal((5, 8, 300)), jnp.float32)
     tokens, top = cpu_kernel.greedy(logits)
-    assert tokens.shape == top.shape == (5, 8) and tokens.dtype == jnp.int32
+    assert tokens.shape == (5, 8)
+    assert top.shape == (5, 8)
+    assert tokens.dtype == jnp.int32
     for b in range(5):
         for t in range(8):
             one_token, one_top = cpu_kernel.greedy(logits[b, t][None])
-            assert tokens[b, t] == one_token[0] and top[b, t] == one_top[0]
+            assert tokens[b, t] == one_token[0]
+            assert top[b, t] == one_top[0]
     np.testing.assert_array_equal(tokens, jnp.argmax(logits, axis=-1))
 
 
 @needs_kernel
-def test_sampling_routes_float32_logits_to_the_kernel():
+def test_float32_logits_use_kernel():
     def lowered(function, dtype):
         return jax.jit(function).lower(jnp.zeros((2, 64), dtype)).as_text()
 

@@ -21,11 +21,12 @@ def test_out_of_range_ids_give_nan_rows():
     ids = jnp.asarray([[0, 5, -1, -6, 4]], jnp.int32)
     got = np.asarray(jax.jit(take_rows)(table, ids))
     np.testing.assert_array_equal(got[0, [0, 2, 4]], np.asarray(table)[[0, 4, 4]])
-    assert np.isnan(got[0, 1]).all() and np.isnan(got[0, 3]).all()
+    assert np.isnan(got[0, 1]).all()
+    assert np.isnan(got[0, 3]).all()
     np.testing.assert_array_equal(got, np.asarray(jnp.take(table, ids, axis=0)))
 
 
-def test_few_ids_compile_without_a_gather():
+def test_few_ids_avoid_gather():
     table = jnp.zeros((4096, 384), jnp.float32)
 
     def hlo(count):

@@ -28,15 +28,15 @@ void Row(const float* logits, int64_t count, int32_t* token, float* top) {
   bool has_nan = false;
   int64_t i = 0;
   if (count >= kLanes) {
-    Vec most = Load(logits);
+    Vec maxima = Load(logits);
     IntVec nans = IntVec{} + 0;
     for (; i + kLanes <= count; i += kLanes) {
       Vec v = Load(logits + i);
       nans |= v != v;
-      most = v > most ? v : most;
+      maxima = v > maxima ? v : maxima;
     }
     for (int lane = 0; lane < kLanes; ++lane) {
-      largest = std::fmax(largest, most[lane]);
+      largest = std::fmax(largest, maxima[lane]);
       has_nan |= nans[lane] != 0;
     }
   }
@@ -52,7 +52,7 @@ void Row(const float* logits, int64_t count, int32_t* token, float* top) {
   int64_t first = 0;
   while (logits[first] != largest) ++first;
   *token = static_cast<int32_t>(first);
-  // exp(logit - largest) <= 1 for every logit; the largest contributes exactly 1.
+  // Every term exp(logit - largest) is at most 1, and the largest logit's term is 1.
   Vec sums = Vec{} + 0.0f;
   for (i = 0; i + kLanes <= count; i += kLanes) sums += Exp(Load(logits + i) - largest);
   float sum = Sum(sums);
