@@ -3,7 +3,8 @@
 The sources in `specjax/csrc` (a float32 weight in `row_matmul.cc`, a float32 weight in
 the packed layout of `pack` in `packed_matmul.cc`, an int4 or int8 one in
 `quantized_row_matmul.cc`, attention in `attention.cc`, a draft's decoder layer in
-`draft_layer.cc`, greedy choices in `greedy.cc`, and XLA's view of them all in `handlers.cc`) are compiled with the
+`draft_layer.cc`, greedy choices in `greedy.cc`, the threads they share in `helpers.cc`, and XLA's view
+of them all in `handlers.cc`) are compiled with the
 machine's C++ compiler for its own CPU (`-march=native`) into one library, whose
 handlers are registered with XLA as
 FFI targets. The library lands in $XDG_CACHE_HOME/specjax/kernels (default

@@ -250,12 +250,10 @@ std::string specjax::Attention(int64_t threads, Floats q, Floats k, Floats v, Fl
   }
   // Each row and KV head is one part, computed whole by one thread, so the result does
   // not depend on which thread takes it.
-  specjax::Helpers::Job job;
-  job.count = batch * kv_heads;
-  job.run = [&](int64_t part) {
+  auto head = [&](int64_t part) {
     specjax::AttendHead(qs.data(), ks, vs, kc, vc, pos, result, part / kv_heads, part % kv_heads, tokens,
                         heads, kv_heads, slots, head_dim);
   };
-  specjax::Helpers::Get(threads - 1).Run(job);
+  specjax::RunParts(threads, batch * kv_heads, head);
   return "";
 }

@@ -286,14 +286,13 @@ std::string specjax::DraftLayer(int64_t threads, Floats x, Floats cos, Floats si
   const int32_t* pos = positions.typed_data();
   float *xo = x_out.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
   // One part per row, computed whole by one thread.
-  Helpers::Job job;
-  job.count = batch;
-  job.run = [&](int64_t b) {
-    int64_t row = b * tokens, table = row * l.head_dim, entries = row * kvwidth;
-    Row(l, tokens, xs + row * l.width, cs + table, ss + table, pos + row, kc + b * kvwidth * l.slots,
-        vc + b * kvwidth * l.slots, xo + row * l.width, kn + entries, vn + entries);
+  auto compute_row = [&](int64_t b) {
+    int64_t first = b * tokens, table = first * l.head_dim, entries = first * kvwidth;
+    Row(l, tokens, xs + first * l.width, cs + table, ss + table, pos + first,
+        kc + b * kvwidth * l.slots, vc + b * kvwidth * l.slots, xo + first * l.width, kn + entries,
+        vn + entries);
   };
-  Helpers::Get(threads - 1).Run(job);
+  RunParts(threads, batch, compute_row);
   return "";
 }
 
@@ -313,14 +312,12 @@ std::string specjax::DraftHead(int64_t threads, Floats x, Floats norm, DraftMatr
   int64_t step = (w.n / kLanes + chunks - 1) / chunks * kLanes;
   const float *xs = x.typed_data(), *weight = norm.typed_data();
   float* out = logits.typed_data();
-  Helpers::Job job;
-  job.count = batch * chunks;
-  job.run = [&](int64_t part) {
-    int64_t b = part / chunks, c = part % chunks;
+  auto part = [&](int64_t index) {
+    int64_t b = index / chunks, c = index % chunks;
     std::vector<float> h(width);
     Norm(xs + b * width, weight, width, eps, h.data());
     Product(h.data(), w, out + b * w.n, std::min(w.n, c * step), std::min(w.n, (c + 1) * step));
   };
-  Helpers::Get(threads - 1).Run(job);
+  RunParts(threads, batch * chunks, part);
   return "";
 }

@@ -7,6 +7,7 @@
 // logits took about 40 µs in those operations, and a draft's choice and its probability
 // about 10 operations per drafted token.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -73,12 +74,10 @@ std::string specjax::Greedy(int64_t threads, Floats logits, Words tokens, Floats
   float* probability = top.typed_data();
   // Rows are independent, so splitting them over threads leaves every result the same.
   constexpr int64_t kRowsPerPart = 8;
-  Helpers::Job job;
-  job.count = (rows + kRowsPerPart - 1) / kRowsPerPart;
-  job.run = [&](int64_t part) {
-    for (int64_t r = part * kRowsPerPart; r < std::min(rows, (part + 1) * kRowsPerPart); ++r)
+  auto part = [&](int64_t index) {
+    for (int64_t r = index * kRowsPerPart; r < std::min(rows, (index + 1) * kRowsPerPart); ++r)
       Row(from + r * count, count, to + r, probability + r);
   };
-  Helpers::Get(threads - 1).Run(job);
+  RunParts(threads, (rows + kRowsPerPart - 1) / kRowsPerPart, part);
   return "";
 }

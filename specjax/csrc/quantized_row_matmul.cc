@@ -118,6 +118,6 @@ std::string specjax::QuantizedRowMatmul(int64_t threads, Floats x, Words packed,
       Product<8>(xs, codes, scale, offset, out, rows, k, n, group, k0, k1);
   };
   // Decoding, not reading, sets the pace here, so the split counts the decoded floats.
-  specjax::SplitContraction::Run(threads, k, k * n * 4, rows * n, y.typed_data(), part);
+  specjax::SplitContraction(threads, k, k * n * 4, rows * n, y.typed_data(), part);
   return "";
 }

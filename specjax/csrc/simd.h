@@ -153,10 +153,8 @@ inline std::string RunFloatProduct(const char* name, int64_t threads, Floats x, 
            std::to_string(n_step);
   const float* xs = x.typed_data();
   const float* ws = w.typed_data();
-  SplitContraction::Run(threads, k, k * n * 4, rows * n, y.typed_data(),
-                        [=](int64_t k0, int64_t k1, float* out) {
-                          product(xs, ws, out, rows, k, n, k0, k1);
-                        });
+  SplitContraction(threads, k, k * n * 4, rows * n, y.typed_data(),
+                   [=](int64_t k0, int64_t k1, float* out) { product(xs, ws, out, rows, k, n, k0, k1); });
   return "";
 }
 
