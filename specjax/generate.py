@@ -72,6 +72,14 @@ class GenerationResult:
 
 _compiled: dict = {}
 
+MAX_PROGRAMS = 32
+"""Compiled programs kept per process; past this many the oldest is dropped, and compiled
+again when a call needs it. XLA's CPU backend maps memory for each program it compiles
+(about 750 mappings for a speculative program of the shipped pair, 1,200 without the CPU
+kernels) and frees them with the program. Linux allows 65,530 mappings per process by
+default, and a process that kept every program failed after about 50 of them with "LLVM
+ERROR: Unable to allocate section memory"."""
+
 
 def _parameter_types(params) -> tuple:
     """Shape and dtype of every parameter. The config fixes the shapes but not the dtypes, and
@@ -199,6 +207,8 @@ def generate(
     # One lookup: hashing the key hashes both model graphs, about 1 ms of Python.
     program = _compiled.get(cache_key)
     if program is None:
+        while len(_compiled) >= MAX_PROGRAMS:
+            del _compiled[next(iter(_compiled))]  # the oldest, since dicts keep insertion order
         program = _compiled[cache_key] = _compile(spec, sampling, args)
     compile_seconds = time.perf_counter() - started
 

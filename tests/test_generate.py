@@ -302,3 +302,21 @@ def test_compile_options_follow_batch(target, noisy_draft, monkeypatch):
         generate(target, prompts, draft=noisy_draft, num_draft_tokens=K, max_new_tokens=4)
     assert batches == [1, 3]
     assert xla.compiler_options(1) != xla.compiler_options(3)
+
+
+def test_program_cache_drops_oldest(target, noisy_draft, monkeypatch):
+    """Past MAX_PROGRAMS the oldest compiled program is dropped, and a call that needs it
+    again compiles it anew with the same output."""
+    generate_module = importlib.import_module("specjax.generate")
+    monkeypatch.setattr(generate_module, "_compiled", {})
+    monkeypatch.setattr(generate_module, "MAX_PROGRAMS", 2)
+    first = generate(target, PROMPTS[:1], draft=noisy_draft, max_new_tokens=8, num_draft_tokens=1, adaptive=False)
+    first_key = next(iter(generate_module._compiled))
+    for k in (2, 3):
+        generate(target, PROMPTS[:1], draft=noisy_draft, max_new_tokens=8, num_draft_tokens=k, adaptive=False)
+    assert len(generate_module._compiled) == 2
+    assert first_key not in generate_module._compiled
+    again = generate(target, PROMPTS[:1], draft=noisy_draft, max_new_tokens=8, num_draft_tokens=1, adaptive=False)
+    assert again.tokens == first.tokens
+    assert first_key in generate_module._compiled  # compiled again, which dropped K = 2's program
+    assert len(generate_module._compiled) == 2
