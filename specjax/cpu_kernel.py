@@ -320,10 +320,12 @@ def draft_head(x: jax.Array, norm: jax.Array, words: jax.Array, scales: jax.Arra
 
 
 def greedy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Return, along the last axis of float32 logits (..., V), the first index of the largest
-    logit (int32) and its softmax probability (float32), as `specjax.sampling.greedy_tokens`
-    and `top_probability` compute them; `available()` must be True. A row with a NaN gets
-    index V - 1 and probability NaN."""
+    """Return the first index of the largest logit (int32) and its softmax probability
+    (float32) along the last axis of float32 logits (..., V).
+
+    The results match `specjax.sampling.greedy_tokens` and `top_probability`. A row with a
+    NaN gets index V - 1 and probability NaN. `available()` must be True.
+    """
     rows = logits.reshape(-1, logits.shape[-1])
     outs = (jax.ShapeDtypeStruct(rows.shape[:1], jnp.int32), jax.ShapeDtypeStruct(rows.shape[:1], jnp.float32))
     tokens, top = jax.ffi.ffi_call(GREEDY_TARGET, outs)(rows)

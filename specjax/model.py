@@ -82,7 +82,7 @@ class RMSNorm(nnx.Module):
 
 
 SLICED_ROWS = 16
-"""The most ids for which `take_rows` slices rows one by one instead of gathering them."""
+"""The maximum number of ids for which `take_rows` slices rows one by one instead of gathering them."""
 
 
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
@@ -101,9 +101,9 @@ def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
     flat = ids.reshape(-1).astype(jnp.int32)
     flat = jnp.where(flat < 0, flat + vocab, flat)
     valid = (flat >= 0) & (flat < vocab)
-    rows = [jax.lax.dynamic_slice_in_dim(table, flat[i], 1) for i in range(count)]
-    taken = jnp.where(valid[:, None], jnp.concatenate(rows), jnp.nan)
-    return taken.reshape(ids.shape + table.shape[1:])
+    slices = [jax.lax.dynamic_slice_in_dim(table, flat[i], 1) for i in range(count)]
+    selected = jnp.where(valid[:, None], jnp.concatenate(slices), jnp.nan)
+    return selected.reshape(ids.shape + table.shape[1:])
 
 
 class Embedding(nnx.Module):

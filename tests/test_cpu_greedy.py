@@ -51,9 +51,10 @@ def test_greedy_matches_xla(vocab):
 
 @needs_kernel
 def test_nan_rows():
-    """A NaN anywhere in a row gives its last index and a NaN probability. For a row of
-    NaN the XLA forms agree; for a row with one NaN their result depends on XLA's order of
-    reduction, so only the kernel's is fixed."""
+    """A NaN anywhere in a row gives its last index and a NaN probability.
+
+    The XLA forms agree for a row of NaN. For a row with one NaN their result depends on
+    XLA's order of reduction, so the test fixes only the kernel's result there."""
     rows = _rows(4096)
     rows[0, 100] = np.nan
     rows[7, :] = np.nan

@@ -231,8 +231,9 @@ std::string specjax::Attention(int64_t threads, Floats q, Floats k, Floats v, Fl
       vd[1] != kv_heads || vd[2] != head_dim || vd[3] != slots || heads % kv_heads ||
       head_dim % kLanes || positions.dimensions()[0] != batch || positions.dimensions()[1] != tokens)
     return std::string("attention: operand shapes do not match");
+  const int64_t table_dims[3] = {batch, tokens, head_dim};
   for (size_t i = 0; i < 3; ++i)
-    if (rd[i] != (i == 0 ? batch : i == 1 ? tokens : head_dim) || sd[i] != rd[i])
+    if (rd[i] != table_dims[i] || sd[i] != table_dims[i])
       return std::string("attention expects rotary tables (batch, tokens, head_dim)");
   for (size_t i = 0; i < 4; ++i)
     if (od[i] != kd[i]) return std::string("attention expects k_out shaped like k");

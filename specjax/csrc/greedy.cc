@@ -27,6 +27,7 @@ void Row(const float* logits, int64_t count, int32_t* token, float* top) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   float largest = -std::numeric_limits<float>::infinity();
   bool has_nan = false;
+
   int64_t i = 0;
   if (count >= kLanes) {
     Vec maxima = Load(logits);
@@ -45,6 +46,7 @@ void Row(const float* logits, int64_t count, int32_t* token, float* top) {
     has_nan |= std::isnan(logits[i]);
     largest = std::fmax(largest, logits[i]);
   }
+
   if (has_nan || count == 0) {
     *token = static_cast<int32_t>(count - 1);
     *top = nan;
@@ -53,6 +55,7 @@ void Row(const float* logits, int64_t count, int32_t* token, float* top) {
   int64_t first = 0;
   while (logits[first] != largest) ++first;
   *token = static_cast<int32_t>(first);
+
   // Every term exp(logit - largest) is at most 1, and the largest logit's term is 1.
   Vec sums = Vec{} + 0.0f;
   for (i = 0; i + kLanes <= count; i += kLanes) sums += Exp(Load(logits + i) - largest);

@@ -50,8 +50,8 @@ std::string PackedMatmul(int64_t threads, Floats x, Floats w, Floats y);
 std::string QuantizedRowMatmul(int64_t threads, Floats x, Words packed, Floats scales,
                                Floats offsets, int64_t bits, int64_t group, Floats y);
 
-// Decode attention of q over the cache and the new keys and values, with q and k rotated
-// by the rotary tables cos and sin first; the rotated k goes to k_out (attention.cc).
+// Decode attention of q over the cache and the new keys and values (attention.cc). It
+// rotates q and k by the rotary tables cos and sin first, and writes the rotated k to k_out.
 std::string Attention(int64_t threads, Floats q, Floats k, Floats v, Floats k_cache,
                       Floats v_cache, Words positions, Floats cos, Floats sin, Floats out,
                       Floats k_out);
