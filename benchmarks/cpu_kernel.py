@@ -47,9 +47,9 @@ def main() -> None:
         "int4 plain": lambda: specjax.generate(int4_target, "ROMEO:\n", **settings),
     }
     # Turning the kernels off with SPECJAX_CPU_KERNEL=0 takes effect once per process,
-    # so the script swaps `available` to run both forms in one process. Each form
+    # so the script swaps `expected` to run both forms in one process. Each form
     # compiles its own program, because the model graphs differ.
-    kernel_on = cpu_kernel.available
+    kernel_on = cpu_kernel.expected
     contestants = [(workload, form) for workload in workloads for form in ("kernel", "row-major", "xla")
                    if not (workload == "int4 plain" and form == "row-major")]
     rates = {f"{workload}, {form}": [] for workload, form in contestants}
@@ -57,14 +57,14 @@ def main() -> None:
     for round_index in range(args.repeats + 1):  # round 0 compiles
         for offset in range(len(contestants)):
             workload, form = contestants[(round_index + offset) % len(contestants)]
-            cpu_kernel.available = kernel_on if form != "xla" else (lambda: False)
+            cpu_kernel.expected = kernel_on if form != "xla" else (lambda: False)
             xla.PACK_WEIGHTS = form == "kernel"
             result = workloads[workload]()
             name = f"{workload}, {form}"
             tokens[name] = result.tokens
             if round_index:
                 rates[name].append(result.stats.tokens_per_second)
-    cpu_kernel.available = kernel_on
+    cpu_kernel.expected = kernel_on
     xla.PACK_WEIGHTS = True
 
     def ratio(a: str, b: str) -> float:

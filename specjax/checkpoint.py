@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from specjax import cpu_kernel
 from specjax.config import ConfigError, ModelConfig, config_from_hf, parse_eos
 from specjax.model import Decoder, Model
 from specjax.quantized import has_quantized_layers, parse_quantize
@@ -186,6 +187,8 @@ def load(
     dtype = resolve_dtype(dtype)
     config = load_config(folder)
     files = _weight_files(folder)
+    # A first process on a machine builds the CPU kernels while the weights load.
+    cpu_kernel.start()
 
     module = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0)))
     scheme = quantization_scheme(folder, bits, group_size)

@@ -70,7 +70,7 @@ def with_fused_layers(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef
     for forwards of up to `cpu_kernel.MAX_ROWS` float32 tokens per row. Returns
     `graphdef` itself where none qualify, the kernels are unavailable or
     `FUSE_DRAFT_LAYERS` is off. `params` still fit the result."""
-    if not FUSE_DRAFT_LAYERS or jax.default_backend() != "cpu" or not cpu_kernel.available():
+    if not FUSE_DRAFT_LAYERS or jax.default_backend() != "cpu" or not cpu_kernel.expected():
         return graphdef
     entry = _graphs.get(id(graphdef))
     # The entry keeps its source graph alive, so an equal id means the same graph.

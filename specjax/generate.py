@@ -24,7 +24,7 @@ from specjax.inputs import (
 )
 from specjax.model import Model
 from specjax.sampling import SamplingParams
-from specjax import schedule
+from specjax import cpu_kernel, schedule
 from specjax import program_cache
 from specjax.fused_layer import with_fused_layers
 from specjax.xla import compile_program, graph_for_backend, params_for_backend
@@ -164,13 +164,12 @@ def generate(
         draft = draft if k > 0 else None
     width = _round_up(max(len(r) for r in rows), _WIDTH_BUCKET)
     capacity = _round_up(capacity_for(width, max_new_tokens, k), _CAPACITY_BUCKET)
-    draft_graph = None
-    if draft is not None:
-        # Only the draft's graph may fuse its layers (see specjax.fused_layer).
-        draft_graph = with_fused_layers(graph_for_backend(draft.graphdef, draft.params),
-                                        params_for_backend(draft.graphdef, draft.params))
+    # A first call may build the CPU kernels; tracing goes on meanwhile (see `_compile`).
+    cpu_kernel.start()
+    kernels = cpu_kernel.expected()
+    target_graph, target_params, draft_graph, draft_params = _for_backend(target, draft)
     spec = EngineSpec(
-        target=graph_for_backend(target.graphdef, target.params),
+        target=target_graph,
         target_config=target.config,
         draft=draft_graph,
         draft_config=None if draft is None else draft.config,
@@ -184,8 +183,8 @@ def generate(
         prompt_array[i, : len(row)] = row
     sampling = None if spec.greedy else SamplingParams.create(float(temperature), top_k, float(top_p))
     args = (
-        params_for_backend(target.graphdef, target.params),
-        None if draft is None else params_for_backend(draft.graphdef, draft.params),
+        target_params,
+        draft_params,
         jnp.asarray(prompt_array),
         jnp.asarray([len(r) for r in rows], jnp.int32),
         jnp.int32(max_new_tokens),
@@ -209,7 +208,15 @@ def generate(
     if program is None:
         while len(_compiled) >= MAX_PROGRAMS:
             del _compiled[next(iter(_compiled))]  # the oldest, since dicts keep insertion order
-        program = _compiled[cache_key] = _compile(spec, sampling, args)
+        program = _compile(spec, sampling, args, kernels)
+        if program is None:
+            # The graphs were built for kernels whose build then failed: build them without.
+            target_graph, target_params, draft_graph, draft_params = _for_backend(target, draft)
+            spec = dataclasses.replace(spec, target=target_graph, draft=draft_graph)
+            args = (target_params, draft_params, *args[2:])
+            cache_key = (spec, *cache_key[1:])
+            program = _compile(spec, sampling, args, kernels=False)
+        _compiled[cache_key] = program
     compile_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -233,19 +240,36 @@ def _outputs(spec: EngineSpec, *args) -> dict:
     }
 
 
-def _compile(spec: EngineSpec, sampling, args) -> Callable:
+def _for_backend(target: Model, draft: Model | None) -> tuple:
+    """Return the target's graph and params for this backend, then the draft's (None without one)."""
+    draft_graph = draft_params = None
+    if draft is not None:
+        draft_params = params_for_backend(draft.graphdef, draft.params)
+        # Only the draft's graph may fuse its layers (see specjax.fused_layer).
+        draft_graph = with_fused_layers(graph_for_backend(draft.graphdef, draft.params), draft_params)
+    target_params = params_for_backend(target.graphdef, target.params)
+    return graph_for_backend(target.graphdef, target.params), target_params, draft_graph, draft_params
+
+
+def _compile(spec: EngineSpec, sampling, args, kernels: bool) -> Callable | None:
     """Compile the program for `args`, from the exported-program cache when it is on.
 
-    Returns a function of `args`."""
+    Returns a function of `args`, or None when the graphs in `spec` call the CPU kernels
+    (`kernels`) and their build failed. Tracing and lowering need no kernel library, so
+    they run while a first build may still be going on; compiling waits for it, because
+    XLA looks the kernels up when it compiles."""
     function = jax.jit(functools.partial(_outputs, spec))
     batch = args[2].shape[0]
     static = (spec, None if sampling is None else sampling.filtered)
     exported = program_cache.load_or_export(function, static, args)
     if exported is None:
-        compiled = compile_program(function.lower(*args), batch)
-        return lambda args: compiled(*args)
-    compiled = compile_program(exported.lower(*jax.tree.leaves(args)), batch)
-    return lambda args: compiled(*jax.tree.leaves(args))
+        lowered, flatten = function.lower(*args), lambda args: args
+    else:
+        lowered, flatten = exported.lower(*jax.tree.leaves(args)), jax.tree.leaves
+    if kernels and not cpu_kernel.available():
+        return None
+    compiled = compile_program(lowered, batch)
+    return lambda args: compiled(*flatten(args))
 
 
 def _result(target: Model, rows, outputs: dict, k: int, seconds: float, compile_seconds: float) -> GenerationResult:

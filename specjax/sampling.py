@@ -133,7 +133,7 @@ def greedy_choice(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _kernel_applies(logits: jax.Array) -> bool:
-    return logits.dtype == jnp.float32 and jax.default_backend() == "cpu" and cpu_kernel.available()
+    return logits.dtype == jnp.float32 and jax.default_backend() == "cpu" and cpu_kernel.expected()
 
 
 SAMPLE_BLOCK = 64

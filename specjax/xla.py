@@ -75,7 +75,7 @@ def row_products(params: nnx.State) -> tuple[int, bool]:
     are used where they build, and `row_parts(params)` slices otherwise."""
     if jax.default_backend() != "cpu":
         return 1, False
-    if cpu_kernel.available():
+    if cpu_kernel.expected():
         return 1, True
     return row_parts(params), False
 

@@ -118,7 +118,7 @@ def test_speculative_greedy_equals_plain():
     assert speculative.stats.accepted_tokens > 0
     assert speculative.tokens[0] == plain
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu_kernel, "available", lambda: False)
+        patch.setattr(cpu_kernel, "expected", lambda: False)
         patch.setattr(generate_module, "_compiled", {})
         expected = generate(target, PROMPTS[:1], max_new_tokens=24).tokens[0]
     assert_greedy_equal(target, PROMPTS[0], plain, expected)

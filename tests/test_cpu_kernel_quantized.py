@@ -90,7 +90,7 @@ def test_quantized_greedy_matches_xla(monkeypatch):
         return generate(target, PROMPTS[:1], draft=draft, max_new_tokens=24, num_draft_tokens=3).tokens[0]
 
     with monkeypatch.context() as patch:
-        patch.setattr(cpu_kernel, "available", lambda: False)
+        patch.setattr(cpu_kernel, "expected", lambda: False)
         expected = greedy(None)
     graph = nnx.merge(specjax.xla.graph_for_backend(target.graphdef, target.params), target.params)
     assert all(layer.row_kernel for _, layer in nnx.iter_modules(graph) if isinstance(layer, QuantizedLinear))

@@ -48,7 +48,7 @@ def test_decode_loop_keeps_no_float_weights(monkeypatch):
 
     # The CPU kernel, where it builds, and the blocked lowering both keep no float weights.
     assert decode_temporary_bytes(model) < float_bytes / 4
-    monkeypatch.setattr(quantized.cpu_kernel, "available", lambda: False)
+    monkeypatch.setattr(quantized.cpu_kernel, "expected", lambda: False)
     assert decode_temporary_bytes(model) < float_bytes / 4
 
     # The check can fail: XLA hoists a whole-matrix dequantization out of the loop and

@@ -21,7 +21,7 @@ generate_module = importlib.import_module("specjax.generate")
 @pytest.fixture(autouse=True)
 def without_kernel(monkeypatch):
     """These tests cover the split, which models use where the CPU kernel is unavailable."""
-    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    monkeypatch.setattr(cpu_kernel, "expected", lambda: False)
 
 
 @pytest.fixture(scope="module")
