@@ -197,7 +197,8 @@ def run(args: argparse.Namespace, target, draft) -> list[str]:
     lines = [
         f"one forward: target {target_seconds * 1e3:.2f} ms, draft {draft_seconds * 1e3:.2f} ms, "
         f"cost ratio c = {cost_ratio:.3f}",
-        f"greedy, batch 1, {args.max_new_tokens} new tokens; plain and speculative calls alternate",
+        f"greedy, batch 1, {args.max_new_tokens} new tokens; plain and speculative calls alternate;",
+        "plain and speculative in tokens/s:",
         "",
         f"{'drafting':<12} {'plain':>7} {'speculative':>12} {'speedup':>8} {'accept':>7} "
         f"{'drafts/call':>12} {'tokens/call':>12} {'bound':>6}",

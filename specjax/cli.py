@@ -144,9 +144,11 @@ def run_generate(args: argparse.Namespace) -> int:
     validate_seed(args.seed)
     if not args.prompt:
         raise ValueError(f"the prompt is empty; pass some text, or leave it out for {DEFAULT_PROMPT!r}")
-    if args.temperature == 0 and (args.top_k or args.top_p != 1.0):
-        print("note: --top-k and --top-p apply only when sampling; with --temperature 0 the output "
-              "is greedy", file=sys.stderr)
+    sampling_only = [name for name, unused in (("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0),
+                                               ("--seed", args.seed != 0)) if unused]
+    if args.temperature == 0 and sampling_only:
+        print(f"note: {' and '.join(sampling_only)} {'applies' if len(sampling_only) == 1 else 'apply'} only "
+              "when sampling; with --temperature 0 the output is greedy", file=sys.stderr)
     target_dir = args.target or models / "shakespeare-target"
     draft_dir = args.draft
     if draft_dir is None and args.target is None and not args.no_draft:
@@ -157,9 +159,13 @@ def run_generate(args: argparse.Namespace) -> int:
         reason = "--no-draft decodes" if args.no_draft else "--target without --draft decodes"
         print(f"note: {', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} only with a draft; "
               f"{reason} with the target alone", file=sys.stderr)
-    elif args.fixed_k and args.max_verify_rows is not None:
-        print("note: --max-verify-rows applies only to adaptive drafting; --fixed-k drafts K every step",
-              file=sys.stderr)
+    elif args.fixed_k:
+        adaptive_only = [name for name, unused in (
+            ("--min-acceptance", args.min_acceptance != DRAFT_DEFAULTS["min_acceptance"]),
+            ("--max-verify-rows", args.max_verify_rows is not None)) if unused]
+        if adaptive_only:
+            print(f"note: {' and '.join(adaptive_only)} {'applies' if len(adaptive_only) == 1 else 'apply'} "
+                  "only to adaptive drafting; --fixed-k drafts K every step", file=sys.stderr)
 
     _check_folder("--target", target_dir)
     if draft_dir is not None:
@@ -285,7 +291,7 @@ def _in_option_terms(message: str) -> str:
     options (`max_new_tokens` as `--max-new-tokens`), and its one prompt row as the prompt."""
     for name in _OPTION_SETTINGS:
         message = re.sub(rf"(?<![-\w]){name}\b", "--" + name.replace("_", "-"), message)
-    return message.replace("prompt row 0 ", "the prompt ")
+    return message.replace("prompt row 0 ", "the prompt ").replace("pass draft=None", "pass --no-draft")
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:

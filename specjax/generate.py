@@ -39,7 +39,10 @@ _CAPACITY_BUCKET = 64
 class GenerationStats:
     """Counters of one `generate` call, summed over rows.
 
-    `acceptance_rate` is accepted drafts / drafted tokens (None without a draft);
+    `acceptance_rate` is accepted drafts / drafted tokens (None without a draft). Both
+    counts are verification's: a row's last step can accept drafts past its EOS or
+    `max_new_tokens`, which the output then drops, so `accepted_tokens` can exceed the
+    drafted tokens that the output keeps;
     `mean_accepted_length` is tokens emitted per target forward of a running row;
     `target_calls` counts batched target forwards after the prefill, `draft_steps` those
     that drafted, and `mean_draft_tokens` the drafts per target forward of a running row

@@ -52,7 +52,8 @@ def test_explicit_folders_match_defaults(shipped, capsys):
     [
         (["--top-p", "1.5"], "--top-p=1.5"),
         (["--temperature", "-1"], "--temperature=-1.0"),
-        (["--num-draft-tokens", "0"], "--num-draft-tokens=0"),
+        (["--num-draft-tokens", "0"],
+         "--num-draft-tokens=0 must be an integer from 1 to 32; for plain decoding, pass --no-draft"),
         (["--top-k", "-2"], "--top-k=-2"),
         (["--max-new-tokens", "500"], "max_position_embeddings=128"),
         (["--target", "/nonexistent/model"], "--target /nonexistent/model: folder not found"),
@@ -99,7 +100,9 @@ def test_option_type_error_names_fix(capsys, option, value, problem, fix):
 
 def test_greedy_notes_unused_top_p(shipped, capsys):
     assert main(["generate", "ROMEO:", "--max-new-tokens", "4", "--top-p", "0.5"]) == 0
-    assert "--top-k and --top-p apply only when sampling" in capsys.readouterr().err
+    assert "note: --top-p applies only when sampling" in capsys.readouterr().err
+    assert main(["generate", "ROMEO:", "--max-new-tokens", "4", "--top-k", "5", "--seed", "3"]) == 0
+    assert "note: --top-k and --seed apply only when sampling" in capsys.readouterr().err
     assert main(["generate", "ROMEO:", "--max-new-tokens", "4"]) == 0
     assert "apply only when sampling" not in capsys.readouterr().err
 
@@ -202,6 +205,10 @@ def test_no_draft_notes_unused_drafting_options(shipped, capsys):
 def test_ignored_drafting_options_noted(shipped, capsys):
     assert main(["generate", "ROMEO:", "--fixed-k", "--max-verify-rows", "4", "--max-new-tokens", "4"]) == 0
     assert "note: --max-verify-rows applies only to adaptive drafting" in capsys.readouterr().err
+    assert main(["generate", "ROMEO:", "--fixed-k", "--min-acceptance", "0.6", "--max-new-tokens", "4"]) == 0
+    assert "note: --min-acceptance applies only to adaptive drafting" in capsys.readouterr().err
+    assert main(["generate", "ROMEO:", "--fixed-k", "--max-new-tokens", "4"]) == 0
+    assert "adaptive drafting" not in capsys.readouterr().err
     target = str(shipped / "shakespeare-target")
     assert main(["generate", "ROMEO:", "--target", target, "--draft-quantize", "int4", "--max-new-tokens", "4"]) == 0
     err = capsys.readouterr().err
