@@ -136,10 +136,9 @@ def _build(compiler: str, path: Path) -> None:
 
 
 def _compile(compiler: str, flags: list[str], folder: Path) -> list[Path]:
-    """Compile every source into `folder` at once, one process per source. The handlers,
-    the only source with XLA's FFI header, take longest, so they start first."""
+    """Compile every source into `folder` at once, one process per source."""
     jobs = []
-    for source in sorted(SOURCE_DIR.glob("*.cc"), key=lambda path: path.name != "handlers.cc"):
+    for source in sorted(SOURCE_DIR.glob("*.cc")):
         target = folder / f"{source.stem}.o"
         command = [compiler, "-O3", "-std=c++17", "-fPIC", *flags, f"-I{jax.ffi.include_dir()}",
                    "-c", str(source), "-o", str(target)]
@@ -267,7 +266,7 @@ def _load() -> tuple[bool, str | None]:
         if not path.exists():
             # The build takes seconds and runs once per machine, so it prints a progress line.
             print(f"specjax: building the CPU kernels into {path.parent} (once per machine and "
-                  "JAX version; about 6 s on two cores)", file=sys.stderr, flush=True)
+                  "JAX version; about 4 s on two cores)", file=sys.stderr, flush=True)
             started = time.perf_counter()
             try:
                 _build(compiler, path)

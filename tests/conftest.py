@@ -25,6 +25,15 @@ jax.config.update("jax_compilation_cache_dir", str(_cache_root / "specjax-tests"
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
+@pytest.fixture
+def drop_broken_traces():
+    """Clear JAX's trace caches after a test that traced programs with a deliberately broken
+    function patched in. Models of equal config have equal graphs, so a later test would
+    otherwise reuse those traces."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(autouse=True)
 def no_verify_row_limit(monkeypatch):
     """Exactness tests draft the K they ask for at any batch size. The batch limit that

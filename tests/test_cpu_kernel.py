@@ -75,7 +75,7 @@ def test_backend_graph_uses_kernel():
 
 
 @needs_kernel
-def test_greedy_output_matches_xla(monkeypatch):
+def test_greedy_output_matches_xla(monkeypatch, drop_broken_traces):
     """Plain and speculative greedy output with the kernel equal plain output with XLA's
     products, and the same comparison catches a kernel that drops part of the sum."""
     target = Model.random(tiny_config(), seed=0)
@@ -101,3 +101,20 @@ def test_greedy_output_matches_xla(monkeypatch):
     jax.clear_caches()
     with pytest.raises(AssertionError):
         assert_greedy_equal(target, PROMPTS[0], greedy(None), expected)
+
+
+@needs_kernel
+def test_handlers_reject_malformed_calls():
+    x, w = jnp.ones((1, 4), jnp.float32), jnp.ones((4, 3), jnp.float32)
+    out = jax.ShapeDtypeStruct((1, 3), jnp.float32)
+    row_matmul = jax.ffi.ffi_call(cpu_kernel.TARGET, out)
+    np.testing.assert_allclose(np.asarray(jax.jit(row_matmul)(x, w)), np.full((1, 3), 4.0))
+    with pytest.raises(Exception, match="specjax_row_matmul: operand 0 is missing or of the wrong dtype"):
+        jax.jit(row_matmul)(x.astype(jnp.int32), w).block_until_ready()
+    with pytest.raises(Exception, match="specjax_row_matmul: expected 2 operands, 1 results and 0 attributes, got 3"):
+        jax.jit(row_matmul)(x, w, w).block_until_ready()
+    quantized = jax.ffi.ffi_call(cpu_kernel.QUANTIZED_TARGET, out)
+    codes, scales = jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), jnp.float32)
+    with pytest.raises(Exception, match="specjax_quantized_row_matmul: attribute bits is missing"):
+        jax.jit(lambda *a: quantized(*a, group_size=np.int64(4), width=np.int64(8)))(
+            x, codes, scales, scales).block_until_ready()

@@ -80,7 +80,7 @@ def test_quantized_linear_kernel_routing():
     assert cpu_kernel.QUANTIZED_TARGET not in _lowered_text(layer, x.astype(jnp.bfloat16))
 
 
-def test_quantized_greedy_matches_xla(monkeypatch):
+def test_quantized_greedy_matches_xla(monkeypatch, drop_broken_traces):
     """An int4 target decodes the same greedy tokens with the kernel as with XLA's
     lowering, plain and speculative. A kernel that drops the offsets fails the comparison."""
     target = quantize_model(Model.random(tiny_config(), seed=0), "int4", 32)

@@ -82,7 +82,7 @@ def _greedy(target, draft, prompts):
     return generate(target, prompts, draft=draft, max_new_tokens=24, num_draft_tokens=3).tokens
 
 
-def test_greedy_output_unchanged_by_split(target, monkeypatch):
+def test_greedy_output_unchanged_by_split(target, monkeypatch, drop_broken_traces):
     """With the split forced on, plain and speculative greedy output equal the unsplit
     plain output. The same comparison catches a split that drops a part."""
     draft = noisy_copy(target, scale=0.005, seed=7)

@@ -1,10 +1,7 @@
 // The kernels' entry points, in plain C++ types.
 //
-// On a 2-core Intel Xeon, XLA's FFI header and a handler bound with it took about 2 s of
-// each source's 2.3 to 3.4 s of compile time. handlers.cc alone includes the header: it
-// unpacks XLA's buffers into the views below and calls these functions, which the other
-// sources define without it. The first build of the library (with JAX's import) went
-// from 7.5 to 6.0 s.
+// handlers.cc alone uses XLA's FFI: it unpacks XLA's buffers into the views below and
+// calls these functions, which the other sources define in plain C++.
 //
 // Each function checks its operands' shapes and returns an error message when they do
 // not match, or an empty string once it has written its results. `threads` is the size
