@@ -148,11 +148,25 @@ def _copy_built_library(monkeypatch):
     return lambda compiler, path: shutil.copy(built, path)
 
 
+def _signal_trace(monkeypatch) -> threading.Event:
+    """Return an event that `generate` sets once it has traced its program."""
+    traced = threading.Event()
+    real_outputs = generate_module._outputs
+
+    def outputs(*args):
+        result = real_outputs(*args)
+        traced.set()
+        return result
+
+    monkeypatch.setattr(generate_module, "_outputs", outputs)
+    return traced
+
+
 @needs_kernel
 def test_traces_during_kernel_build(fresh_state, monkeypatch):
     model = Model.random(tiny_config(), seed=3)
     copy = _copy_built_library(monkeypatch)
-    traced = threading.Event()
+    traced = _signal_trace(monkeypatch)
     build_saw_trace = []
 
     def slow_build(compiler, path):
@@ -161,15 +175,7 @@ def test_traces_during_kernel_build(fresh_state, monkeypatch):
         build_saw_trace.append(traced.wait(timeout=30))
         copy(compiler, path)
 
-    real_outputs = generate_module._outputs
-
-    def outputs(*args):
-        result = real_outputs(*args)
-        traced.set()
-        return result
-
     monkeypatch.setattr(cpu_kernel, "_build", slow_build)
-    monkeypatch.setattr(generate_module, "_outputs", outputs)
     monkeypatch.setattr(generate_module, "_compiled", {})
     result = generate(model, PROMPTS[0], max_new_tokens=6, num_draft_tokens=3,
                       draft=Model.random(tiny_config(), seed=4))
@@ -182,8 +188,11 @@ def test_traces_during_kernel_build(fresh_state, monkeypatch):
 def test_failed_background_build_retraces(fresh_state, monkeypatch):
     model = Model.random(tiny_config(), seed=3)
     draft = Model.random(tiny_config(), seed=4)
+    traced = _signal_trace(monkeypatch)
 
     def failing_build(compiler, path):
+        # Fails only once the program has been traced for the kernels.
+        traced.wait(timeout=30)
         raise RuntimeError("broken.cc: this is not C++")
 
     real_compile = generate_module._compile
