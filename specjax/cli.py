@@ -135,7 +135,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.draft is not None and args.no_draft:
         raise ValueError("--draft and --no-draft contradict each other; pass one of them")
     if args.quantize is None and args.draft_quantize in (None, "none") and args.group_size is not None:
-        raise ValueError("--group-size needs --quantize or --draft-quantize int4 or int8")
+        raise ValueError("--group-size needs --quantize or --draft-quantize int4 or int8 (the default "
+                         "int8 draft on CPU picks its own group size)")
     if args.quantize is None and args.quantize_embeddings:
         raise ValueError("--quantize-embeddings needs --quantize int4 or int8")
     # Check the settings before the slow model load, so a typo fails at once.
@@ -201,10 +202,11 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     stats = result.stats
     if draft is not None and stats.num_draft_tokens < args.num_draft_tokens:
-        limit = "default 8 on CPU" if args.max_verify_rows is None else args.max_verify_rows
+        limit = "--max-verify-rows, default 8 on CPU" if args.max_verify_rows is None else (
+            f"--max-verify-rows {args.max_verify_rows}")
         lowered = f"{stats.num_draft_tokens}" + (" (plain decoding)" if stats.num_draft_tokens == 0 else "")
         print(f"note: K lowered from {args.num_draft_tokens} to {lowered} by the limit on "
-              f"tokens per verify forward (--max-verify-rows, {limit}); --max-verify-rows 0 lifts it, "
+              f"tokens per verify forward ({limit}); --max-verify-rows 0 lifts it, "
               "--fixed-k keeps K", file=sys.stderr)
     if args.json:
         record = {

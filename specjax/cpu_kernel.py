@@ -24,6 +24,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -99,9 +100,15 @@ def _cpu_flags() -> str:
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+    """Return the C++ compiler command: $CXX when set (it may carry options, as in
+    `ccache g++`), else the first of c++, g++ and clang++ on PATH, else None."""
+    cxx = os.environ.get("CXX", "").strip()
+    if cxx:
+        return cxx
+    for name in ("c++", "g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return shlex.quote(path)  # one word, even with spaces in the path
     return None
 
 
@@ -131,7 +138,7 @@ def _build(compiler: str, path: Path) -> None:
         except RuntimeError:
             objects = _compile(compiler, [], Path(scratch))
         library = Path(scratch) / path.name
-        _run([compiler, "-shared", *map(str, objects), "-o", str(library)])
+        _run([*shlex.split(compiler), "-shared", *map(str, objects), "-o", str(library)])
         library.replace(path)  # atomic, so another process never loads half a file
 
 
@@ -140,7 +147,7 @@ def _compile(compiler: str, flags: list[str], folder: Path) -> list[Path]:
     jobs = []
     for source in sorted(SOURCE_DIR.glob("*.cc")):
         target = folder / f"{source.stem}.o"
-        command = [compiler, "-O3", "-std=c++17", "-fPIC", *flags, f"-I{jax.ffi.include_dir()}",
+        command = [*shlex.split(compiler), "-O3", "-std=c++17", "-fPIC", *flags, f"-I{jax.ffi.include_dir()}",
                    "-c", str(source), "-o", str(target)]
         job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _yield_to_caller(job.pid)
@@ -241,6 +248,12 @@ def _precheck() -> tuple[str | None, str | None]:
     compiler = _compiler()
     if compiler is None:
         return None, "no C++ compiler found; install one or set CXX to one"
+    try:
+        program = shlex.split(compiler)[0]
+    except (ValueError, IndexError):  # unbalanced quotes
+        program = None
+    if program is None or shutil.which(program) is None:
+        return None, f"CXX={compiler!r} names no program found on PATH; set CXX to a C++ compiler or unset it"
     failed = library_path(compiler).with_suffix(".failed")
     if failed.exists():
         return compiler, (f"an earlier build with {compiler} failed (messages in {failed}); fix the "

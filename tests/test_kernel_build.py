@@ -212,3 +212,25 @@ def test_failed_background_build_retraces(fresh_state, monkeypatch):
     assert compiled_for == [(True, False), (False, True)]
     assert result.tokens == generate(model, PROMPTS[0], max_new_tokens=6).tokens
     assert xla.row_products(model.params)[1] is False
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU backend only")
+def test_cxx_not_on_path_named(fresh_state, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.warns(RuntimeWarning, match="CXX='no-such-compiler-here' names no program found on PATH"):
+        assert cpu_kernel.available() is False
+
+
+@needs_kernel
+def test_cxx_with_options_builds(monkeypatch, tmp_path):
+    real = cpu_kernel._compiler()
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    (sources / "probe.cc").write_text('extern "C" int SpecjaxProbe() { return 7; }\n')
+    monkeypatch.setattr(cpu_kernel, "SOURCE_DIR", sources)
+    monkeypatch.setenv("CXX", f"env {real}")  # a launcher before the compiler, as ccache is used
+    compiler = cpu_kernel._compiler()
+    assert compiler == f"env {real}"
+    path = tmp_path / "kernels" / "probe.so"
+    cpu_kernel._build(compiler, path)
+    assert ctypes.cdll.LoadLibrary(str(path)).SpecjaxProbe() == 7
