@@ -145,28 +145,25 @@ def run_generate(args: argparse.Namespace) -> int:
     validate_seed(args.seed)
     if not args.prompt:
         raise ValueError(f"the prompt is empty; pass some text, or leave it out for {DEFAULT_PROMPT!r}")
-    sampling_only = [name for name, unused in (("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0),
-                                               ("--seed", args.seed != 0)) if unused]
+    sampling_only = _changed_options(args, {"top_k": 0, "top_p": 1.0, "seed": 0})
     if args.temperature == 0 and sampling_only:
-        print(f"note: {' and '.join(sampling_only)} {'applies' if len(sampling_only) == 1 else 'apply'} only "
-              "when sampling; with --temperature 0 the output is greedy", file=sys.stderr)
+        print(f"note: {_options_apply(sampling_only)} only when sampling; with --temperature 0 the output "
+              "is greedy", file=sys.stderr)
     target_dir = args.target or models / "shakespeare-target"
     draft_dir = args.draft
     if draft_dir is None and args.target is None and not args.no_draft:
         draft_dir = models / "shakespeare-draft"
-    unused = ["--" + name.replace("_", "-") for name, default in DRAFT_DEFAULTS.items()
-              if getattr(args, name) != default]
+    unused = _changed_options(args, DRAFT_DEFAULTS)
     if draft_dir is None and unused:
         reason = "--no-draft decodes" if args.no_draft else "--target without --draft decodes"
         print(f"note: {', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} only with a draft; "
               f"{reason} with the target alone", file=sys.stderr)
     elif args.fixed_k:
-        adaptive_only = [name for name, unused in (
-            ("--min-acceptance", args.min_acceptance != DRAFT_DEFAULTS["min_acceptance"]),
-            ("--max-verify-rows", args.max_verify_rows is not None)) if unused]
+        adaptive_defaults = {name: DRAFT_DEFAULTS[name] for name in ("min_acceptance", "max_verify_rows")}
+        adaptive_only = _changed_options(args, adaptive_defaults)
         if adaptive_only:
-            print(f"note: {' and '.join(adaptive_only)} {'applies' if len(adaptive_only) == 1 else 'apply'} "
-                  "only to adaptive drafting; --fixed-k drafts K every step", file=sys.stderr)
+            print(f"note: {_options_apply(adaptive_only)} only to adaptive drafting; --fixed-k drafts K every step",
+                  file=sys.stderr)
 
     _check_folder("--target", target_dir)
     if draft_dir is not None:
@@ -221,6 +218,16 @@ def run_generate(args: argparse.Namespace) -> int:
         print(args.prompt + text)
         print(_stats_line(stats), file=sys.stderr)
     return 0
+
+
+def _changed_options(args: argparse.Namespace, defaults: dict) -> list[str]:
+    """Return the command-line names of the options in `defaults` that differ from their default."""
+    return ["--" + name.replace("_", "-") for name, default in defaults.items() if getattr(args, name) != default]
+
+
+def _options_apply(options: list[str]) -> str:
+    """Return "--a applies" for one option and "--a and --b apply" for more."""
+    return " and ".join(options) + (" applies" if len(options) == 1 else " apply")
 
 
 def draft_quantization(args: argparse.Namespace, folder: Path) -> dict:

@@ -150,7 +150,7 @@ def _compile(compiler: str, flags: list[str], folder: Path) -> list[Path]:
         command = [*shlex.split(compiler), "-O3", "-std=c++17", "-fPIC", *flags, f"-I{jax.ffi.include_dir()}",
                    "-c", str(source), "-o", str(target)]
         job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _yield_to_caller(job.pid)
+        _lower_priority(job.pid)
         jobs.append((target, job))
     errors = []
     for target, job in jobs:
@@ -162,11 +162,11 @@ def _compile(compiler: str, flags: list[str], folder: Path) -> list[Path]:
     return [target for target, _ in jobs]
 
 
-def _yield_to_caller(pid: int) -> None:
-    """Lower a compiler process's priority, so that `generate` tracing its first program
-    meanwhile keeps its share of the cores. In three alternating pairs of new processes on
-    a 2-core Intel Xeon, loading the shipped pair and its first call took 16.0 s on
-    average with it and 16.8 s without (runs from 15.2 to 17.8 s)."""
+def _lower_priority(pid: int) -> None:
+    """Lower a compiler process's priority, so that `generate`, tracing its first program
+    meanwhile, keeps its share of the cores. On a 2-core Intel Xeon the gain was within the
+    noise: 16.0 s against 16.8 s on average for loading the shipped pair and its first call,
+    in three alternating pairs of new processes (runs from 15.2 to 17.8 s)."""
     try:
         os.setpriority(os.PRIO_PROCESS, pid, 10)
     except (AttributeError, OSError):  # not on this OS, or the process has already ended
@@ -196,7 +196,7 @@ def _build_in_background() -> None:
     global _outcome
     try:
         _outcome = _load()
-    except Exception as error:  # an unexpected failure still reaches `available` as a warning
+    except Exception as error:  # so that an unexpected failure still reaches `available` as a warning
         _outcome = (False, f"loading failed: {error!r}")
 
 
@@ -222,7 +222,7 @@ def available() -> bool:
 
 
 def expected() -> bool:
-    """Return what `available` will return, without waiting for a build in progress.
+    """Return the expected result of `available`, without waiting for a build in progress.
 
     Graphs built on this result before the build ends must be compiled only after
     `available` returns, and built again without the kernels if it returns False: the
@@ -253,7 +253,7 @@ def _precheck() -> tuple[str | None, str | None]:
     except (ValueError, IndexError):  # unbalanced quotes
         program = None
     if program is None or shutil.which(program) is None:
-        return None, f"CXX={compiler!r} names no program found on PATH; set CXX to a C++ compiler or unset it"
+        return None, f"CXX={compiler!r} not found on PATH; set CXX to a C++ compiler or unset it"
     failed = library_path(compiler).with_suffix(".failed")
     if failed.exists():
         return compiler, (f"an earlier build with {compiler} failed (messages in {failed}); fix the "

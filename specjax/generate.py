@@ -266,13 +266,15 @@ def _compile(spec: EngineSpec, sampling, args, kernels: bool) -> Callable | None
     static = (spec, None if sampling is None else sampling.filtered)
     exported = program_cache.load_or_export(function, static, args)
     if exported is None:
-        lowered, flatten = function.lower(*args), lambda args: args
+        lowered = function.lower(*args)
     else:
-        lowered, flatten = exported.lower(*jax.tree.leaves(args)), jax.tree.leaves
+        lowered = exported.lower(*jax.tree.leaves(args))
     if kernels and not cpu_kernel.available():
         return None
     compiled = compile_program(lowered, batch)
-    return lambda args: compiled(*flatten(args))
+    if exported is None:
+        return lambda args: compiled(*args)
+    return lambda args: compiled(*jax.tree.leaves(args))
 
 
 def _result(target: Model, rows, outputs: dict, k: int, seconds: float, compile_seconds: float) -> GenerationResult:

@@ -96,11 +96,11 @@ def validate_settings(max_new_tokens, num_draft_tokens, temperature, top_k, top_
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if not _is_int(num_draft_tokens) or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
         if _is_int(num_draft_tokens) and num_draft_tokens > MAX_DRAFT_TOKENS:
-            why = "drafting steps score K + 1 tokens, so a K far above the accepted run only slows them"
+            hint = "drafting steps score K + 1 tokens, so a K far above the accepted run only slows them"
         else:
-            why = "for plain decoding, pass draft=None"
+            hint = "for plain decoding, pass draft=None"
         raise ValueError(
-            f"num_draft_tokens={num_draft_tokens!r} must be an integer from 1 to {MAX_DRAFT_TOKENS}; {why}"
+            f"num_draft_tokens={num_draft_tokens!r} must be an integer from 1 to {MAX_DRAFT_TOKENS}; {hint}"
         )
     if not (_is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")

@@ -115,6 +115,7 @@ def test_handlers_reject_malformed_calls():
         jax.jit(row_matmul)(x, w, w).block_until_ready()
     quantized = jax.ffi.ffi_call(cpu_kernel.QUANTIZED_TARGET, out)
     codes, scales = jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), jnp.float32)
+    # Two attributes, as the handler expects, but `width` in place of `bits`.
     with pytest.raises(Exception, match="specjax_quantized_row_matmul: attribute bits is missing"):
         jax.jit(lambda *a: quantized(*a, group_size=np.int64(4), width=np.int64(8)))(
             x, codes, scales, scales).block_until_ready()

@@ -24,12 +24,13 @@ def tokenized_target():
     return Model.random(tiny_config(), seed=0, tokenizer=word_tokenizer())
 
 
-@pytest.mark.parametrize("value, why", [(0, "for plain decoding, pass draft=None"), (-1, "pass draft=None"),
-                                        (33, "only slows them"), (1000, "only slows them")])
-def test_num_draft_tokens_out_of_range(target, draft, value, why):
-    with pytest.raises(ValueError, match=re.escape(f"num_draft_tokens={value} must be an integer from 1 to 32")) as error:
+@pytest.mark.parametrize("value, hint", [(0, "for plain decoding, pass draft=None"), (-1, "pass draft=None"),
+                                         (33, "only slows them"), (1000, "only slows them")])
+def test_num_draft_tokens_out_of_range(target, draft, value, hint):
+    message = re.escape(f"num_draft_tokens={value} must be an integer from 1 to 32")
+    with pytest.raises(ValueError, match=message) as error:
         generate(target, [1, 2, 3], draft=draft, num_draft_tokens=value)
-    assert why in str(error.value)
+    assert hint in str(error.value)
 
 
 @pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf")])

@@ -217,7 +217,7 @@ def test_failed_background_build_retraces(fresh_state, monkeypatch):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU backend only")
 def test_cxx_not_on_path_named(fresh_state, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-here")
-    with pytest.warns(RuntimeWarning, match="CXX='no-such-compiler-here' names no program found on PATH"):
+    with pytest.warns(RuntimeWarning, match="CXX='no-such-compiler-here' not found on PATH"):
         assert cpu_kernel.available() is False
 
 

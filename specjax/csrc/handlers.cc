@@ -3,7 +3,7 @@
 //
 // They use XLA's C API (c_api.h) rather than the C++ binding of ffi.h. The binding's
 // templates made this file take 3.5 to 5 s of the build's 11 to 14 s of compiler time
-// on a 2-core Intel Xeon, and the build's first process waits for it.
+// on a 2-core Intel Xeon, and the first process on a machine waits for the build.
 
 #include <cstdint>
 #include <cstring>
@@ -19,8 +19,8 @@ using specjax::DraftMatrix;
 using specjax::Floats;
 using specjax::Words;
 
-// Fills in the API version and traits when `frame` is XLA's metadata query, made once
-// when a handler is registered. Returns whether it was that query.
+// Fills in the API version and traits when `frame` is XLA's metadata query, which XLA
+// makes when a handler is registered. Returns whether `frame` was that query.
 bool FillMetadata(XLA_FFI_CallFrame* frame) {
   XLA_FFI_Extension_Base* extension = frame->extension_start;
   if (extension == nullptr || extension->type != XLA_FFI_Extension_Metadata) return false;
